@@ -1,0 +1,163 @@
+"""The `efm` command line: the Typer app and `main`, which owns exit codes and error lines.
+
+`main` runs the app with click's `standalone_mode=False` instead of letting Typer exit by itself, because
+Typer's standalone mode prints usage errors as Rich panels and unexpected errors as tracebacks, while the
+product contract wants exactly one `error: WHAT — HINT` line on stderr and fixed exit codes (0 ok, 1 failed,
+2 usage, 3 partial, 130 interrupted). Heavy imports (torch, huggingface_hub) happen inside commands so that
+`efm --help` stays fast.
+"""
+
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import click
+import typer
+
+from efm_cli import __version__, console
+from efm_cli import env as env_info
+from efm_cli.console import EfmError, ExitCode
+
+app = typer.Typer(
+    name="efm",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+# click >= 8.4 already suggests close command names, and typer 0.20 appends the same "Did you mean ...?"
+# again. Set as an attribute, not a constructor argument, because typer < 0.20 has no such parameter.
+app.suggest_commands = False
+
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print one machine-readable JSON document on stdout instead of a table."),
+]
+QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing on stderr but errors.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"efm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version of efm and exit."),
+    ] = False,
+) -> None:
+    """Unpaired image-to-image translation with Electrostatic Field Matching.
+
+    Data goes to stdout, messages to stderr.
+    Exit codes: 0 done, 1 failed, 2 usage error, 3 some inputs skipped.
+    Set EFM_DEBUG=1 to see the traceback of an unexpected error.
+
+    Example: efm env --json > efm-env.json
+    """
+
+
+@app.command("env")
+def env_command(json_output: JsonOption = False, quiet: QuietOption = False) -> None:
+    """Show versions, devices, cache paths and Hub settings, for bug reports.
+
+    HF_TOKEN is reported as set or not set, never shown.
+
+    Examples:
+    efm env
+    efm env --json > efm-env.json
+    """
+    console.set_quiet(quiet)
+    report = env_info.gather()
+    for problem in report["problems"]:
+        console.warn(problem)
+    if json_output:
+        console.print_json(report)
+    else:
+        _print_env_tables(report)
+
+
+def _human(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _print_env_tables(report: dict[str, Any]) -> None:
+    """One two-column table per section; cells are Text so brackets in paths are not read as Rich markup."""
+    from rich.table import Table
+    from rich.text import Text
+
+    for section in ("versions", "devices", "paths", "hub"):
+        table = Table(title=section, title_justify="left", show_header=False)
+        table.add_column("name", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for name, value in report[section].items():
+            if name == "cuda_devices":
+                for device in value or []:
+                    description = f"{device['name']}, capability {device['capability']}, {device['memory_gib']} GiB"
+                    table.add_row(Text(f"cuda:{device['index']}"), Text(description))
+            else:
+                table.add_row(Text(name), Text(_human(value)))
+        console.out_console().print(table)
+
+
+def _debug() -> bool:
+    return os.environ.get("EFM_DEBUG", "") not in ("", "0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `efm` and return its exit code (the console script hands it to `sys.exit`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = typer.main.get_command(app).main(args=args, prog_name="efm", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:
+        # `efm` alone: Typer has already printed the help to stdout; exit 2 as Typer does, no error line.
+        return ExitCode.USAGE
+    except click.UsageError as exc:
+        command_path = exc.ctx.command_path if exc.ctx is not None else "efm"
+        console.print_error(exc.format_message(), f"see '{command_path} --help'")
+        return ExitCode.USAGE
+    except click.ClickException as exc:
+        console.print_error(exc.format_message())
+        return exc.exit_code
+    except EfmError as exc:
+        if _debug():
+            traceback.print_exc()
+        console.print_error(exc.message, exc.hint)
+        return exc.exit_code
+    except (KeyboardInterrupt, click.Abort):
+        console.print_error("interrupted")
+        return ExitCode.INTERRUPTED
+    except SystemExit as exc:
+        return _system_exit_code(exc)
+    except Exception as exc:
+        if _debug():
+            traceback.print_exc()
+        else:
+            console.print_error(f"{type(exc).__name__}: {exc}", "rerun with EFM_DEBUG=1 for the traceback")
+        return ExitCode.FAILED
+    # Without standalone mode, an Exit (from --help, --version or typer.Exit) comes back as its code, and
+    # Typer turns Ctrl-C during a command into Exit(130); any other return value is the command's result.
+    if isinstance(result, int):
+        if result == ExitCode.INTERRUPTED:
+            console.print_error("interrupted")
+        return result
+    return ExitCode.OK
+
+
+def _system_exit_code(exc: SystemExit) -> int:
+    """Mirror the interpreter: None is success, an int is the code, anything else is printed as a failure."""
+    if exc.code is None:
+        return ExitCode.OK
+    if isinstance(exc.code, int):
+        return exc.code
+    console.print_error(str(exc.code))
+    return ExitCode.FAILED
