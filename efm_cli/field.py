@@ -28,12 +28,16 @@ PairingCost = Literal["sqeuclidean", "euclidean"]
 MEMORY_BUDGET = 1 << 24
 """Elements of the largest explicit-difference block (64 MiB in fp32) a field target allocates at once."""
 
-NEAREST = 16
-"""Charges per point whose distances are recomputed from explicit differences."""
+NEAREST = 4
+"""Charges per point whose distances are recomputed from explicit differences.
+
+Exactness matters for the charges a point is close to, where the Gram identity cancels; in high dimension the
+weights are all but one-hot on the nearest charge, and in low dimension the Gram identity is accurate anyway.
+"""
 
 
 def _working(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Flattened copies in at least fp32: targets are never differentiated, so half precision only costs accuracy."""
+    """Flattened, in at least fp32: targets are never differentiated, so half precision would only cost accuracy."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -55,26 +59,29 @@ def _nearest(d2: Tensor, k: int) -> Tensor:
 def _weighted_sum(w: Tensor, idx: Tensor, diff: Tensor, x: Tensor, *terms: tuple[float | Tensor, Tensor]) -> Tensor:
     """Σ_j w_ij · diff_ij, where diff_ij = x_i − Σ_t coef_t · charges_t[j] (explicit for the refined charges).
 
-    For the far charges the sum splits into (Σ_j w_ij)·x_i − Σ_t coef_t · (w @ charges_t), which needs no
-    [b, B, D] tensor; `terms` are (coef, charges) with coef a scalar or a per-row column.
+    For the far charges the sum splits into (Σ_j w_ij)·x_i − Σ_t (coef_t·w) @ charges_t, which needs no
+    [b, B, D] tensor; `terms` are (coef, charges) with coef a scalar or a per-row column. Accumulated in place:
+    the [b, D] temporaries would otherwise outweigh the explicit block.
     """
     w_far = w.scatter(1, idx, 0.0)
-    total = torch.einsum("bk,bkd->bd", w.gather(1, idx), diff) + w_far.sum(1, keepdim=True) * x
+    total = torch.einsum("bk,bkd->bd", w.gather(1, idx), diff)
+    total.addcmul_(w_far.sum(1, keepdim=True), x)
     for coef, charges in terms:
-        total = total - coef * (w_far @ charges)
+        total.addmm_(w_far * coef, charges, alpha=-1.0)
     return total
 
 
 def _sq_norms(t: Tensor) -> Tensor:
-    return t.square().sum(1)
+    """Row-wise squared norms, without a temporary the size of `t`."""
+    return torch.einsum("ij,ij->i", t, t)
 
 
 def _plate(x: Tensor, gap: Tensor, charges: Tensor, charges_sq: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """One plate's weighted offset Σ_j w_ij (x_i − c_j) and log((1/B) Σ_j r_ij^{−N}) at height gap `gap`."""
     gram = (_sq_norms(x)[:, None] + charges_sq[None] - 2.0 * (x @ charges.T)).clamp_min(0.0)
     idx = _nearest(gram, min(NEAREST, len(charges)))
-    diff = x[:, None, :] - charges[idx]
-    d2 = gram.scatter(1, idx, diff.square().sum(-1))
+    diff = charges[idx].sub_(x[:, None, :]).neg_()  # in place: one [rows, k, D] block, not two
+    d2 = gram.scatter(1, idx, torch.linalg.vector_norm(diff, dim=-1).square())
     r2 = (d2 + gap.square()[:, None]).clamp(max=torch.finfo(d2.dtype).max)
     logit = -0.5 * n * torch.log(r2 + 1e-14)
     log_z = torch.logsumexp(logit, dim=1) - math.log(len(charges))
@@ -108,15 +115,21 @@ def coulomb_target(
         xc, zc = x[rows], z[rows]
         off_p, log_zp = _plate(xc, zc, source, src_sq, n)
         off_q, log_zq = _plate(xc, L - zc, target, tgt_sq, n)
-        away = torch.cat([zc[:, None], off_p], dim=1)  # x̃ − m⁺: along E⁺
-        toward = torch.cat([(L - zc)[:, None], -off_q], dim=1)  # m⁻ − x̃: along E⁻
+        # away = x̃ − m⁺ = (z, off_p) points along E⁺, toward = m⁻ − x̃ = (L − z, −off_q) along E⁻; the target
+        # α·away + β·toward is written straight into `out`, without forming either vector.
         if mode == "repo":
-            t = away / (away.norm(dim=1, keepdim=True) + gamma) + toward / (toward.norm(dim=1, keepdim=True) + gamma)
+            alpha = 1.0 / (torch.sqrt(zc.square() + _sq_norms(off_p)) + gamma)
+            beta = 1.0 / (torch.sqrt((L - zc).square() + _sq_norms(off_q)) + gamma)
         else:
-            lam = torch.sigmoid(log_zp - log_zq)[:, None]  # Z⁺ / (Z⁺ + Z⁻)
-            e = lam * away + (1.0 - lam) * toward
-            t = e / (e.norm(dim=1, keepdim=True) + 1e-12)
-        out[rows] = math.sqrt(n) * t
+            alpha = torch.sigmoid(log_zp - log_zq)  # Z⁺ / (Z⁺ + Z⁻)
+            beta = 1.0 - alpha
+        t = out[rows]
+        t[:, 0] = alpha * zc + beta * (L - zc)
+        torch.mul(off_p, alpha[:, None], out=t[:, 1:])
+        t[:, 1:].addcmul_(off_q, beta[:, None], value=-1.0)
+        if mode == "phys":
+            t.div_(torch.linalg.vector_norm(t, dim=1, keepdim=True) + 1e-12)
+        t.mul_(math.sqrt(n))
     return out
 
 
@@ -168,18 +181,18 @@ def tube_target(
             + t.square() * seg_sq[None]
         ).clamp_min(0.0)
         idx = _nearest(gram, min(NEAREST, len(source)))
-        rho = xc[:, None, :] - (source[idx] + t[:, :, None] * seg[idx])  # as segment_point computes it
-        r2 = gram.scatter(1, idx, rho.square().sum(-1))
+        rho = (source[idx] + t[:, :, None] * seg[idx]).sub_(xc[:, None, :]).neg_()  # as segment_point computes it
+        r2 = gram.scatter(1, idx, torch.linalg.vector_norm(rho, dim=-1).square())
         r = r2.sqrt()
         m = torch.minimum(zc, L - zc)[:, None]
         s = tube_width(zc, L, S, K).clamp_min(1e-12)[:, None]
         in_ramp = m < ramp
         near_source = zc[:, None] < L / 2
-        # tan α = K·r / tan(K·m): lines fan out from the source charge and converge on the target charge; the
-        # official code regularises only the source side (+1e-5), the target side is written as its cotangent.
-        tan_km = torch.tan(K * m.clamp_min(0.0))
-        q = K * r / torch.where(near_source, tan_km + 1e-5, tan_km.clamp_min(1e-30))
-        q = torch.where(in_ramp, q, torch.zeros_like(q))
+        # tan α = K·r / tan(K·m): lines fan out from the source charge and converge on the target charge. The
+        # official code adds 1e-5 on the source side only; on the target side its tan(K(z − L + d_r)) form turns
+        # into inf·0 at z = L, where an image rounded onto its own segment end would tilt by −π/2. Both sides are
+        # regularised alike here, which keeps the target finite and symmetric under swapping the plates.
+        q = torch.where(in_ramp, K * r / (torch.tan(K * m.clamp_min(0.0)) + 1e-5), torch.zeros_like(r))
         cos_a = torch.rsqrt(1.0 + q.square())
         sin_a = torch.where(near_source, 1.0, -1.0) * q * cos_a
         log_mass = torch.logaddexp(torch.log(cos_a + 1e-8) + d * torch.log(s / S), torch.full_like(r, math.log(0.01)))

@@ -106,13 +106,16 @@ class Solution:
         }
 
 
-def _combine(y: Tensor, h: Tensor, coefs: tuple[float, ...], ks: list[Tensor]) -> Tensor:
-    """y + h·Σ coef_j·k_j, skipping zero coefficients."""
+def _combine(y: Tensor | None, h: Tensor, coefs: tuple[float, ...], ks: list[Tensor]) -> Tensor:
+    """y + h·Σ coef_j·k_j (just the sum when y is None), skipping zero coefficients."""
     acc = None
     for coef, k in zip(coefs, ks, strict=False):
         if coef:
             acc = coef * k if acc is None else acc.add(k, alpha=coef)
-    return y if acc is None else y + h[:, None] * acc
+    if acc is None:
+        return y
+    acc = h[:, None] * acc
+    return acc if y is None else y + acc
 
 
 def _rk_step(
@@ -125,7 +128,7 @@ def _rk_step(
         ks.append(k)
         climb_min = torch.minimum(climb_min, climb)
     y_new = _combine(y, h, tab.b, ks)
-    err = None if tab.error is None else _combine(torch.zeros_like(y), h, tab.error, ks)
+    err = None if tab.error is None else _combine(None, h, tab.error, ks)
     return y_new, err, ks[-1], climb, climb_min
 
 
@@ -143,7 +146,8 @@ def _initial_step(slope: Slope, t0: Tensor, y0: Tensor, k0: Tensor, span: Tensor
     d2 = _rms((k1 - k0) / scale) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / order))
-    return torch.minimum(torch.minimum(100 * h0, h1), span.abs())
+    h = torch.minimum(torch.minimum(100 * h0, h1), span.abs())
+    return torch.where(torch.isfinite(h), h, h0)  # a non-finite probe: let the first step find out
 
 
 def _hermite(y0: Tensor, y1: Tensor, k0: Tensor, k1: Tensor, h: Tensor, theta: Tensor) -> Tensor:
@@ -155,13 +159,13 @@ def _hermite(y0: Tensor, y1: Tensor, k0: Tensor, k1: Tensor, h: Tensor, theta: T
 
 
 def _locate(y0: Tensor, y1: Tensor, k0: Tensor, k1: Tensor, h: Tensor, event: Callable[[Tensor], Tensor]) -> Tensor:
-    """State where `event` changes sign within a step (event(y0) ≥ 0 > event(y1)): bisection on the interpolant."""
+    """Fraction of a step where `event` changes sign (event(y0) ≥ 0 > event(y1)): bisection on the interpolant."""
     lo, hi = torch.zeros_like(h), torch.ones_like(h)
     for _ in range(40):
         mid = 0.5 * (lo + hi)
         below = event(_hermite(y0, y1, k0, k1, h, mid)) < 0
         lo, hi = torch.where(below, lo, mid), torch.where(below, mid, hi)
-    return _hermite(y0, y1, k0, k1, h, hi)
+    return hi
 
 
 @dataclass
@@ -213,11 +217,13 @@ def _drive(
     callback: Callable[[dict[str, Any]], None] | None = None,
     sync_every: int = 1,
     phase: str = "slab",
+    origin: Tensor | None = None,
 ) -> _Run:
-    """Integrate y' = slope(t, y) from t0 to t1 per sample; with `event`, stop as soon as event(y) turns negative.
+    """Integrate y' = slope(t, y) from t0 to t1 per sample; with `event`, stop where event(y) crosses from ≥ 0 to < 0.
 
     Finished and failed samples are frozen (zero step) until the next compaction, every `sync_every` iterations:
     compaction needs the host to know who finished, so on a GPU a larger value spares a sync per step.
+    `origin` maps rows to the caller's batch indices for the callback.
     """
     run = _Run.start(y0, t0)
     span = t1 - t0
@@ -227,6 +233,7 @@ def _drive(
     idx = torch.arange(len(y0), device=y0.device)
     t_end, h_min = t1, min_step * span.abs()
     live = torch.ones(len(y0), dtype=torch.bool, device=y0.device)
+    after_reject = torch.zeros_like(live)
     k = climb = None
     if tab.fsal or adaptive:
         k, climb = slope(a.t, a.y)
@@ -246,21 +253,32 @@ def _drive(
         step = torch.where(last, remaining, remaining.sign() * torch.minimum(h, remaining.abs())) * live
         y_new, err, k_last, climb_last, climb_min = _rk_step(slope, tab, a.t, a.y, step, k, climb)
         a.nfe += live * (len(tab.c) - 1)
-        finite = torch.isfinite(y_new).all(1) & torch.isfinite(k_last).all(1) & torch.isfinite(k).all(1)
+        finite = torch.isfinite(y_new).all(1)  # every scheme here weighs k1 in y_new; DP5's last stage is not
+        if tab.fsal:
+            finite &= torch.isfinite(k_last).all(1)
         if adaptive:
             scale = atol + rtol * torch.maximum(a.y.abs(), y_new.abs())
             ratio = _rms(err / scale)
             ok = finite & (ratio <= 1.0)
             factor = (SAFETY * ratio.clamp_min(1e-10) ** (-1.0 / tab.order)).clamp(DFACTOR, IFACTOR)
-            factor = torch.where(ok, factor, torch.where(finite, factor.clamp(max=1.0), DFACTOR))
-            h = torch.where(live, h * factor, h)
+            factor = torch.where(ok & ~after_reject, factor, factor.clamp(max=1.0))
+            factor = torch.where(finite, factor, DFACTOR)
+            # From the step actually taken: a last step clipped to the plate and rejected must shrink.
+            h = torch.where(live, step.abs() * factor, h)
+            after_reject = live & ~ok
         else:
             ok = finite
         accept = live & ok
         if event is not None:
-            fired = accept & (event(y_new) < 0)
+            fired = accept & (event(a.y) >= 0) & (event(y_new) < 0)
             if fired.any():
-                y_new[fired] = _locate(a.y[fired], y_new[fired], k[fired], k_last[fired], step[fired], event)
+                # Locate on the interpolant, then take the exact step to there: as accurate as the integration.
+                f = fired.nonzero().flatten()
+                theta = _locate(a.y[f], y_new[f], k[f], k_last[f], step[f], event)
+                y_new[f], _, k_last[f], climb_last[f], _ = _rk_step(
+                    slope, tab, a.t[f], a.y[f], theta * step[f], k[f], climb[f]
+                )
+                a.nfe[f] += len(tab.c) - 1
             a.hit |= fired
         else:
             fired = torch.zeros_like(accept)
@@ -274,10 +292,11 @@ def _drive(
         a.rejected += live & ~ok
         a.guarded += accept & (climb_min < fz_min)
         if callback is not None:
-            callback({"phase": phase, "index": idx, "t": a.t, "y": a.y, "accepted": accept, "iteration": iteration})
+            rows = idx if origin is None else origin[idx]
+            callback({"phase": phase, "index": rows, "t": a.t, "y": a.y, "accepted": accept, "iteration": iteration})
         done = accept & (last | fired)
         failing = live & ~done
-        underflow = adaptive & (h < h_min)
+        underflow = adaptive & ~(h >= h_min)  # NaN counts
         a.status = torch.where(
             failing & ~finite & (underflow | (not adaptive)),
             Status.NONFINITE,
@@ -297,7 +316,9 @@ def _drive(
             for name in _ROW_FIELDS:
                 getattr(run, name)[gone] = getattr(a, name)[leave]
             keep = live
-            idx, t_end, h, h_min, tol, k, climb, live = (v[keep] for v in (idx, t_end, h, h_min, tol, k, climb, live))
+            idx, t_end, h, h_min, tol, k, climb, live, after_reject = (
+                v[keep] for v in (idx, t_end, h, h_min, tol, k, climb, live, after_reject)
+            )
             for name in _ROW_FIELDS:
                 setattr(a, name, getattr(a, name)[keep])
         if not len(idx):
@@ -313,7 +334,8 @@ def _z_slope(field: FieldFn, shape: torch.Size, fz_min: float) -> Slope:
         norm = (fz.square() + fx.square().sum(1)).sqrt()
         climb = torch.where(norm > 0, fz / norm, torch.zeros_like(fz))
         denom = torch.maximum(fz, fz_min * norm).clamp_min(torch.finfo(x.dtype).tiny)
-        return fx / denom[:, None], climb
+        finite = torch.isfinite(norm)[:, None]  # an infinite f_z would otherwise pass as a zero slope
+        return torch.where(finite, fx / denom[:, None], torch.nan), climb
 
     return slope
 
@@ -354,9 +376,20 @@ def _integrate(
     b, shape = len(x), x.shape[1:]
     t0 = torch.as_tensor(z0, dtype=x.dtype, device=x.device).expand(b).clone()
     t1 = torch.full((b,), float(z1), dtype=x.dtype, device=x.device)
-    if ((t1 - t0).abs() <= 0).any():
-        raise ValueError("every sample must start away from the plate it travels to")
-    opts = {"rtol": rtol, "atol": atol, "max_nfe": max_nfe, "min_step": min_step, "callback": callback}
+    rising = t1 > t0
+    if b == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return Solution(x.clone(), t0, empty.to(torch.int8), empty, empty, empty, empty, empty.bool())
+    if not (rising.all() or (t1 < t0).all()):
+        raise ValueError("every sample must start away from the plate it travels to, all on the same side of it")
+    opts = {
+        "rtol": rtol,
+        "atol": atol,
+        "max_nfe": max_nfe,
+        "min_step": min_step,
+        "callback": callback,
+        "sync_every": sync_every,
+    }
     run = _drive(
         _z_slope(field, shape, fz_min),
         tab,
@@ -366,7 +399,6 @@ def _integrate(
         adaptive=adaptive,
         steps=steps,
         fz_min=fz_min,
-        sync_every=sync_every,
         **opts,
     )
     crossed = torch.zeros(b, dtype=torch.bool, device=x.device)
@@ -379,7 +411,7 @@ def _integrate(
         crossed[landed] = climb > fz_min
     if behind == "follow" and crossed.any():
         rows = crossed.nonzero().flatten()
-        sign = 1.0 if z1 > float(t0[0]) else -1.0
+        sign = 1.0 if bool(rising[0]) else -1.0
         length = 10.0 * float((t1 - t0).abs().max()) if behind_length is None else behind_length
         start = torch.cat([run.t[rows, None], run.y[rows]], dim=1)
         arc = _drive(
@@ -393,6 +425,7 @@ def _integrate(
             fz_min=-math.inf,
             event=lambda y: sign * (y[:, 0] - z1),
             phase="behind",
+            origin=rows,
             **opts,
         )
         arc.y[arc.hit, 0] = z1
@@ -430,8 +463,8 @@ def dopri5(field: FieldFn, x: Tensor, z0: float | Tensor, z1: float, **options: 
     Options: `rtol`, `atol` (error control), `max_nfe` (per-sample evaluation cap), `min_step` (step-size floor,
     relative to the plate distance), `fz_min` (guard: f_z is raised to fz_min·|f|, and counted, where it is
     smaller), `behind` ("stop"; "report" marks lines that continue through the destination plate; "follow" also
-    follows them by arc length until they come back to it from behind, method.md §3.4), `behind_length` (arc-length
-    cap for that), `callback` (called with a dict after every step), `sync_every` (compaction period).
+    follows them by arc length until they come back to the plate from behind, method.md §3.4), `behind_length`
+    (arc-length cap for that), `callback` (called with a dict after every step), `sync_every` (compaction period).
     """
     return _integrate(DOPRI5, True, field, x, z0, z1, **options)
 
