@@ -133,10 +133,13 @@ def _rk_step(
 
 
 def _rms(v: Tensor) -> Tensor:
+    """Root mean square per row: the error norm of Hairer's step-size control."""
     return v.square().mean(1).sqrt()
 
 
-def _initial_step(slope: Slope, t0: Tensor, y0: Tensor, k0: Tensor, span: Tensor, rtol: float, atol: float, order: int):
+def _initial_step(
+    slope: Slope, t0: Tensor, y0: Tensor, k0: Tensor, span: Tensor, rtol: float, atol: float, order: int
+) -> Tensor:
     """Hairer's starting step, per sample (Solving ODEs I, §II.4): one extra evaluation."""
     scale = atol + rtol * y0.abs()
     d0, d1 = _rms(y0 / scale), _rms(k0 / scale)
@@ -472,7 +475,9 @@ def dopri5(field: FieldFn, x: Tensor, z0: float | Tensor, z1: float, **options: 
 SOLVERS: dict[str, Callable[..., Solution]] = {"dopri5": dopri5, "heun": heun, "euler": euler}
 
 
-def integrate(field: FieldFn, x: Tensor, z0: float | Tensor, z1: float, *, solver: str = "dopri5", **options: Any):
+def integrate(
+    field: FieldFn, x: Tensor, z0: float | Tensor, z1: float, *, solver: str = "dopri5", **options: Any
+) -> Solution:
     """Move the batch `x` at heights `z0` along the field lines of `field` to the plate at height `z1`."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
