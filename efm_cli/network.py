@@ -1,0 +1,229 @@
+"""Field networks: they learn the field (f_z, f_x) between the plates from the minibatch targets of `field`.
+
+`UNetField` is the DDPM-style UNet of the papers (method.md §4.1): GroupNorm, SiLU, residual blocks, attention at
+low resolution, the height z entering through a sinusoidal embedding added in every residual block. Its output
+has C + 1 channels: the first C are f_x, the last one is averaged over the image into the scalar f_z. `MLPField` is
+the same interface for low-dimensional (toy) data. Both are described completely by a plain config dict, so that a
+capacitor's config.json rebuilds its network with no flags.
+
+The height is embedded as 1000·z/L, not as the raw z of the official code: the embedding's highest frequency is one
+radian per unit of its input, so raw z barely changes it over z ∈ [0, 1], exactly where the Coulomb field turns
+fastest (method.md §4.1), while 1000·z/L resolves L/1000 near either plate and spans the timestep range the DDPM
+embedding was designed for, whatever L is.
+
+Samples never interact (GroupNorm, not BatchNorm), so the integrator may drop finished samples from a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Z_SCALE = 1000.0
+
+
+def height_embedding(z: Tensor, L: float, dim: int) -> Tensor:
+    """Sinusoidal features [sin, cos] of 1000·z/L at `dim`/2 geometric frequencies (DDPM's timestep embedding)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=z.device, dtype=torch.float32) / max(half - 1, 1))
+    angles = (Z_SCALE * z.float() / L)[:, None] * freqs[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: 32 for wide layers, fewer for narrow ones, always with at least 4 channels a group."""
+    return max(1, min(32, channels // 4))
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialised: residual branches start as the identity and the field starts at zero."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """DDPM residual block: norm, SiLU, conv, + projected height embedding, norm, SiLU, dropout, conv."""
+
+    def __init__(self, cin: int, cout: int, emb: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(cin), cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb, cout)
+        self.norm2, self.drop = nn.GroupNorm(_groups(cout), cout, eps=1e-6), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the pixels of a low-resolution feature map."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(channels), channels, eps=1e-6)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(a.transpose(1, 2).reshape(b, c, h, w))
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything that defines a `UNetField`; stored verbatim in a capacitor's config.json."""
+
+    channels: int = 3
+    size: int = 64
+    base: int = 128
+    mult: tuple[int, ...] = (1, 2, 2, 2)
+    blocks: int = 2
+    attention: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    L: float = 20.0
+
+    def __post_init__(self) -> None:
+        levels = len(self.mult)
+        if self.size % 8 or self.size % 2 ** (levels - 1):
+            raise ValueError(f"image size {self.size} must be a multiple of 8 and of {2 ** (levels - 1)}")
+        if self.base % 4 or self.channels < 1 or self.blocks < 1 or not 0 <= self.dropout < 1 or self.L <= 0:
+            raise ValueError(f"invalid UNet config {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "unet", **asdict(self)}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"base": 16, "mult": (1, 2), "blocks": 1, "attention": (), "dropout": 0.0},
+    "small": {"base": 32, "mult": (1, 2, 2), "blocks": 2, "attention": (8,), "dropout": 0.1},
+    "base": {"base": 128, "mult": (1, 2, 2, 2), "blocks": 2, "attention": (16,), "dropout": 0.1},
+}
+"""Named sizes: `tiny` for tests, `small` trainable on 2 CPU cores at 32×32, `base` (≈ 36 M parameters) for GPUs."""
+
+
+class UNetField(nn.Module):
+    """DDPM-style UNet predicting the field (f_z [b], f_x [b, C, H, W]) at heights z [b] and images x."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        emb = 4 * c.base
+        self.embed = nn.Sequential(nn.Linear(c.base, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.conv_in = nn.Conv2d(c.channels, c.base, 3, padding=1)
+        self.down, widths, width, res = nn.ModuleList(), [c.base], c.base, c.size
+        for level, m in enumerate(c.mult):
+            for _ in range(c.blocks):
+                self.down.append(self._stage(width, c.base * m, res))
+                width = c.base * m
+                widths.append(width)
+            if level < len(c.mult) - 1:
+                self.down.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+                widths.append(width)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(width, width, emb, c.dropout), AttnBlock(width)])
+        self.mid_out = ResBlock(width, width, emb, c.dropout)
+        self.up = nn.ModuleList()
+        for level, m in reversed(list(enumerate(c.mult))):
+            for _ in range(c.blocks + 1):
+                self.up.append(self._stage(width + widths.pop(), c.base * m, res))
+                width = c.base * m
+            if level > 0:
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, 1, 1))
+                )
+                res *= 2
+        self.norm_out = nn.GroupNorm(_groups(width), width, eps=1e-6)
+        self.conv_out = _zero(nn.Conv2d(width, c.channels + 1, 3, padding=1))
+
+    def _stage(self, cin: int, cout: int, res: int) -> nn.ModuleList:
+        """A residual block, followed by attention at the configured resolutions."""
+        parts: list[nn.Module] = [ResBlock(cin, cout, 4 * self.config.base, self.config.dropout)]
+        if res in self.config.attention:
+            parts.append(AttnBlock(cout))
+        return nn.ModuleList(parts)
+
+    @staticmethod
+    def _run(stage: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+        for part in stage:
+            h = part(h, emb) if isinstance(part, ResBlock) else part(h)
+        return h
+
+    def forward(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.embed(height_embedding(z, self.config.L, self.config.base).to(x.dtype))
+        h = self.conv_in(x)
+        skips = [h]
+        for module in self.down:
+            h = self._run(module, h, emb) if isinstance(module, nn.ModuleList) else module(h)
+            skips.append(h)
+        h = self.mid_out(self.mid[1](self.mid[0](h, emb)), emb)
+        for module in self.up:
+            if isinstance(module, nn.ModuleList):
+                h = self._run(module, torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = module(h)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out[:, -1].mean(dim=(1, 2)), out[:, :-1]
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """A `MLPField` for points in R^dim (toy data)."""
+
+    dim: int = 2
+    width: int = 256
+    depth: int = 3
+    L: float = 6.0
+    embed: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.width < 1 or self.depth < 1 or self.embed < 2 or self.L <= 0:
+            raise ValueError(f"invalid MLP config {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "mlp", **asdict(self)}
+
+
+class MLPField(nn.Module):
+    """Toy field network: x and the height embedding, through SiLU layers, to (f_z, f_x) in R^(1+dim)."""
+
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        layers: list[nn.Module] = [nn.Linear(c.dim + c.embed, c.width), nn.SiLU()]
+        for _ in range(c.depth - 1):
+            layers += [nn.Linear(c.width, c.width), nn.SiLU()]
+        layers.append(nn.Linear(c.width, c.dim + 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.net(torch.cat([x, height_embedding(z, self.config.L, self.config.embed).to(x.dtype)], dim=1))
+        return out[:, 0], out[:, 1:]
+
+
+def build(config: dict[str, Any]) -> nn.Module:
+    """The network a config dict (as stored in config.json) describes."""
+    kind, rest = config.get("kind"), {k: v for k, v in config.items() if k != "kind"}
+    if kind == "unet":
+        rest = {k: tuple(v) if k in ("mult", "attention") else v for k, v in rest.items()}
+        return UNetField(UNetConfig(**rest))
+    if kind == "mlp":
+        return MLPField(MLPConfig(**rest))
+    raise ValueError(f"unknown network kind {kind!r}; expected 'unet' or 'mlp'")
+
+
+def preset(name: str, *, channels: int = 3, size: int = 64, L: float = 20.0) -> UNetConfig:
+    """The UNet config of a named preset at the given image shape and plate distance."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown network preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return UNetConfig(channels=channels, size=size, L=L, **PRESETS[name])
