@@ -7,10 +7,8 @@ raise `ImageError` with a short reason the CLI can print, and outputs appear und
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from efm_cli.files import atomic_path
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 """Lower-case file suffixes `find_images` picks up; matching is case-insensitive."""
@@ -171,9 +171,7 @@ def save_atomic(
 ) -> None:
     """Write an image so that `path` only ever holds a complete file: the old one, or the new one.
 
-    The bytes go to a hidden temporary file in the same folder (same file system, so the rename is atomic), are
-    flushed to disk, then renamed over `path`. Any failure removes the temporary file and re-raises. `alpha` is
-    re-attached for PNG, WebP and TIFF and dropped for the formats without one.
+    See `files.atomic_path`. `alpha` is re-attached for PNG, WebP and TIFF and dropped for the formats without one.
     """
     path = Path(path)
     file_format = (format or _SAVE_FORMATS.get(path.suffix.lower(), "")).upper()
@@ -188,31 +186,8 @@ def save_atomic(
         options = {"quality": quality, "subsampling": 0}
     elif file_format == "WEBP":
         options = {"quality": quality}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary: Path | None = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            temporary = Path(handle.name)
-            image.save(handle, format=file_format, **options)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # NamedTemporaryFile creates the file 0600; an output gets the permissions of any new file.
-        temporary.chmod(0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-        raise
-
-
-@functools.cache
-def _umask() -> int:
-    """The process umask; reading it means setting it, so do that once."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    with atomic_path(path) as temporary:
+        image.save(temporary, format=file_format, **options)
 
 
 def find_images(root: Path) -> list[Path]:

@@ -97,7 +97,17 @@ class UNetConfig:
         levels = len(self.mult)
         if self.size % 8 or self.size % 2 ** (levels - 1):
             raise ValueError(f"image size {self.size} must be a multiple of 8 and of {2 ** (levels - 1)}")
-        if self.base % 4 or self.channels < 1 or self.blocks < 1 or not 0 <= self.dropout < 1 or self.L <= 0:
+        sane = (
+            4 <= self.base <= 1024
+            and self.base % 4 == 0
+            and 1 <= self.channels <= 4
+            and 1 <= self.blocks <= 8
+            and 1 <= levels <= 8
+            and all(isinstance(m, int) and 1 <= m <= 16 for m in self.mult)
+            and 0 <= self.dropout < 1
+            and 0 < self.L < math.inf
+        )
+        if not sane:
             raise ValueError(f"invalid UNet config {self}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def test_explicit_format_wins_over_the_suffix(tmp_path: Path) -> None:
 
 def test_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_save(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
-        fp.write(b"half an image")  # type: ignore[attr-defined]
+        Path(fp).write_bytes(b"half an image")  # type: ignore[arg-type]
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:

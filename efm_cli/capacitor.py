@@ -1,0 +1,225 @@
+"""A capacitor: a trained field network, its config, and translation along its field lines in either direction.
+
+On disk (and on the Hub) a capacitor is a folder: `config.json` (format name and version, the two domains, the field
+and its parameters, image size and value range, network, preprocessing, default sampler, training summary) and
+`model.safetensors` (the EMA weights). Loading reads those two files only, validates the config before building
+anything, checks every weight's name and shape, and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from efm_cli.files import atomic_path
+from efm_cli.integrator import Solution, integrate
+from efm_cli.network import build
+
+FORMAT = "efm-capacitor"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+Direction = Literal["forward", "backward"]
+
+
+class CapacitorError(Exception):
+    """A capacitor folder or config that cannot be used; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Translation:
+    """Translated images in the capacitor's value range, and the integrator's per-sample report."""
+
+    images: Tensor
+    solution: Solution
+    direction: Direction
+
+
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    if not isinstance(value, dict):
+        raise CapacitorError(f"config.json: '{key}' must be an object, got {value!r}")
+    return value
+
+
+def validate(config: Any) -> dict[str, Any]:
+    """Check a capacitor config's structure, types and ranges before anything is allocated; return it."""
+    if not isinstance(config, dict):
+        raise CapacitorError("config.json must hold a JSON object")
+    if config.get("format") != FORMAT:
+        raise CapacitorError(f"config.json is not an {FORMAT} config (format = {config.get('format')!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CapacitorError(
+            f"config.json has format_version {config.get('format_version')!r}; this efm reads {FORMAT_VERSION}"
+        )
+    domains = _section(config, "domains")
+    if not all(isinstance(domains.get(k), str) and domains[k] for k in ("source", "target")):
+        raise CapacitorError("config.json: 'domains' needs non-empty 'source' and 'target' names")
+    if domains["source"] == domains["target"]:
+        raise CapacitorError("config.json: the two domains must have different names")
+    field = _section(config, "field")
+    L, eps = field.get("L"), field.get("eps", 1e-3)
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (L, eps)) or not 0 < eps < L / 2:
+        raise CapacitorError("config.json: 'field' needs a finite plate distance L > 0 and 0 < eps < L/2")
+    if field.get("kind") not in ("coulomb", "tube"):
+        raise CapacitorError(f"config.json: unknown field kind {field.get('kind')!r}; expected 'coulomb' or 'tube'")
+    image = _section(config, "image")
+    size, channels = image.get("size"), image.get("channels")
+    if not isinstance(size, int) or not 8 <= size <= 2048 or size % 8 or channels not in (1, 3):
+        raise CapacitorError("config.json: 'image' needs a size that is a multiple of 8 (8–2048) and 1 or 3 channels")
+    network = _section(config, "network")
+    if network.get("kind") != "unet" or network.get("size") != size or network.get("channels") != channels:
+        raise CapacitorError("config.json: 'network' must be a UNet for the capacitor's image size and channels")
+    return config
+
+
+class Capacitor:
+    """A field network between two named plates; `translate` carries images from one plate to the other."""
+
+    def __init__(self, config: dict[str, Any], network: nn.Module | None = None) -> None:
+        self.config = validate(config)
+        try:
+            self.network = (network if network is not None else build(config["network"])).eval()
+        except (TypeError, ValueError) as error:
+            raise CapacitorError(f"config.json: invalid network: {error}") from error
+
+    @property
+    def source(self) -> str:
+        return self.config["domains"]["source"]
+
+    @property
+    def target(self) -> str:
+        return self.config["domains"]["target"]
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Capacitor:
+        """Load a capacitor folder: config.json, then model.safetensors, both checked."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CapacitorError(f"{folder} is not a capacitor folder")
+        try:
+            config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CapacitorError(f"{folder / CONFIG_NAME} is not valid JSON ({error})") from error
+        capacitor = cls(config)
+        try:
+            weights = load_file(folder / WEIGHTS_NAME)
+        except FileNotFoundError as error:
+            raise CapacitorError(f"{folder} has no {WEIGHTS_NAME}") from error
+        except (SafetensorError, OSError) as error:
+            raise CapacitorError(f"{folder / WEIGHTS_NAME} is not a valid safetensors file ({error})") from error
+        expected = capacitor.network.state_dict()
+        missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
+        if missing or unexpected:
+            raise CapacitorError(
+                f"{WEIGHTS_NAME} does not match config.json: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
+            )
+        for name, tensor in weights.items():
+            if tensor.shape != expected[name].shape or not tensor.is_floating_point():
+                raise CapacitorError(f"{WEIGHTS_NAME}: '{name}' has shape {list(tensor.shape)} {tensor.dtype}")
+        capacitor.network.load_state_dict({k: v.float() for k, v in weights.items()})
+        capacitor.network.to(device)
+        return capacitor
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write config.json and model.safetensors, each atomically (a reader never sees half a file)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.network.state_dict().items()}
+        with atomic_path(folder / WEIGHTS_NAME) as temporary:
+            save_file(state, str(temporary), metadata={"format": FORMAT})
+        with atomic_path(folder / CONFIG_NAME) as temporary:
+            temporary.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+    def direction_to(self, domain: str) -> Direction:
+        """'forward' to reach the target plate, 'backward' to reach the source plate."""
+        if domain == self.target:
+            return "forward"
+        if domain == self.source:
+            return "backward"
+        raise CapacitorError(f"this capacitor translates between {self.source!r} and {self.target!r}, not {domain!r}")
+
+    def plates(self, direction: Direction) -> tuple[float, float]:
+        """Start and end heights: just off the plates, where the fields are singular (method.md §3.5)."""
+        field = self.config["field"]
+        L, eps = float(field["L"]), float(field.get("eps", 1e-3))
+        return (eps, L - eps) if direction == "forward" else (L - eps, eps)
+
+    @torch.inference_mode()
+    def translate(
+        self,
+        images: Tensor,
+        *,
+        to: str | None = None,
+        direction: Direction = "forward",
+        solver: str | None = None,
+        **options: Any,
+    ) -> Translation:
+        """Carry images [b, C, H, W] in [−1, 1] (the capacitor's size) along the field lines to the other plate.
+
+        `to` names the destination domain (it picks the direction); `solver` and `options` (rtol, atol, steps, …)
+        default to the capacitor's sampler settings.
+        """
+        if to is not None:
+            direction = self.direction_to(to)
+        size, channels = self.config["image"]["size"], self.config["image"]["channels"]
+        if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):
+            raise CapacitorError(f"expected images [b, {channels}, {size}, {size}], got {list(images.shape)}")
+        sampler = {k: v for k, v in self.config.get("sampler", {}).items() if k != "solver"}
+        z0, z1 = self.plates(direction)
+        param = next(self.network.parameters())
+        x = images.to(param.device, param.dtype)
+        solution = integrate(
+            self.network,
+            x,
+            z0,
+            z1,
+            solver=solver or self.config.get("sampler", {}).get("solver", "dopri5"),
+            **{**sampler, **options},
+        )
+        return Translation(images=solution.x.clamp(-1.0, 1.0), solution=solution, direction=direction)
+
+
+def new_config(
+    *,
+    source: str,
+    target: str,
+    network: dict[str, Any],
+    field: dict[str, Any],
+    size: int,
+    channels: int = 3,
+    preprocessing: dict[str, Any] | None = None,
+    sampler: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A complete, validated capacitor config (what `efm train` will write)."""
+    return validate(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "domains": {"source": source, "target": target},
+            "field": {"eps": 1e-3, **field},
+            "image": {"size": size, "channels": channels, "range": [-1.0, 1.0]},
+            "network": network,
+            "preprocessing": preprocessing or {"resize": "resize", "hflip": False},
+            "sampler": sampler or {"solver": "dopri5", "rtol": 1e-4, "atol": 1e-4},
+            "training": training or {},
+        }
+    )

@@ -1,0 +1,42 @@
+"""Writing files so that a reader, or a run killed half-way, never sees a partial one."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path`; once the block succeeds, flush it to disk and rename it over.
+
+    The temporary file lives in the destination folder, on the same file system, so the rename is atomic: `path`
+    holds the old file or the complete new one, never a mix. On any failure the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        # mkstemp creates the file 0600; the result gets the permissions of any new file.
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask; reading it means setting it, so do that once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
