@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from efm_cli.files import atomic_path
-from efm_cli.integrator import Solution, integrate
+from efm_cli.integrator import SOLVERS, Solution, integrate
 from efm_cli.network import build
 
 FORMAT = "efm-capacitor"
@@ -28,6 +28,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 Direction = Literal["forward", "backward"]
+
+SAMPLER_OPTIONS = {"solver": str, "rtol": float, "atol": float, "steps": int, "max_nfe": int}
+"""What config.json may set about sampling, with its type: nothing else reaches the integrator."""
 
 
 class CapacitorError(Exception):
@@ -75,10 +78,22 @@ def validate(config: Any) -> dict[str, Any]:
     size, channels = image.get("size"), image.get("channels")
     if not isinstance(size, int) or not 8 <= size <= 2048 or size % 8 or channels not in (1, 3):
         raise CapacitorError("config.json: 'image' needs a size that is a multiple of 8 (8–2048) and 1 or 3 channels")
+    sampler = config.get("sampler", {})
+    if not isinstance(sampler, dict) or not all(_sampler_option_ok(k, v) for k, v in sampler.items()):
+        raise CapacitorError(f"config.json: 'sampler' may only set {', '.join(SAMPLER_OPTIONS)}, got {sampler!r}")
     network = _section(config, "network")
     if network.get("kind") != "unet" or network.get("size") != size or network.get("channels") != channels:
         raise CapacitorError("config.json: 'network' must be a UNet for the capacitor's image size and channels")
     return config
+
+
+def _sampler_option_ok(key: str, value: Any) -> bool:
+    kind = SAMPLER_OPTIONS.get(key)
+    if kind is None or isinstance(value, bool):
+        return False
+    if key == "solver":
+        return value in SOLVERS
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
 class Capacitor:

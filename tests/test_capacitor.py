@@ -91,6 +91,9 @@ def test_half_precision_weights_load(tmp_path: Path) -> None:
         (lambda c: c["network"].update(size=16), "network' must be a UNet for the capacitor's image size"),
         (lambda c: c["network"].update(base=-4), "invalid network"),
         (lambda c: c.update(domains=["horse", "zebra"]), "'domains' must be an object"),
+        (lambda c: c["sampler"].update(callback="os.system"), "'sampler' may only set"),
+        (lambda c: c["sampler"].update(steps="many"), "'sampler' may only set"),
+        (lambda c: c["sampler"].update(solver="rk4"), "'sampler' may only set"),
     ],
 )
 def test_malformed_configs_are_refused_before_anything_is_built(tmp_path: Path, edit, message: str) -> None:
