@@ -155,7 +155,6 @@ class Capacitor:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.network.state_dict().items()}
         with atomic_path(folder / WEIGHTS_NAME) as temporary:
             save_file(state, str(temporary), metadata={"format": FORMAT})
@@ -197,7 +196,8 @@ class Capacitor:
         size, channels = self.config["image"]["size"], self.config["image"]["channels"]
         if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):
             raise CapacitorError(f"expected images [b, {channels}, {size}, {size}], got {list(images.shape)}")
-        sampler = {k: v for k, v in self.config.get("sampler", {}).items() if k != "solver"}
+        defaults = dict(self.config.get("sampler", {}))
+        configured = defaults.pop("solver", "dopri5")
         z0, z1 = self.plates(direction)
         param = next(self.network.parameters())
         x = images.to(param.device, param.dtype)
@@ -206,8 +206,8 @@ class Capacitor:
             x,
             z0,
             z1,
-            solver=solver or self.config.get("sampler", {}).get("solver", "dopri5"),
-            **{**sampler, **options},
+            solver=solver or configured,
+            **{**defaults, **options},
         )
         return Translation(images=solution.x.clamp(-1.0, 1.0), solution=solution, direction=direction)
 

@@ -237,9 +237,9 @@ def _drive(
     t_end, h_min = t1, min_step * span.abs()
     live = torch.ones(len(y0), dtype=torch.bool, device=y0.device)
     after_reject = torch.zeros_like(live)
-    k = climb = None
+    k = None
     if tab.fsal or adaptive:
-        k, climb = slope(a.t, a.y)
+        k, a.climb = slope(a.t, a.y)
         a.nfe += 1
         live = torch.isfinite(k).all(1)
         a.status[~live] = Status.NONFINITE
@@ -249,12 +249,12 @@ def _drive(
     iteration = 0
     while True:
         if not tab.fsal:
-            k, climb = slope(a.t, a.y)
+            k, a.climb = slope(a.t, a.y)
             a.nfe += live
         remaining = t_end - a.t
         last = live & ((a.accepted == steps - 1) if not adaptive else (h >= remaining.abs() - tol))
         step = torch.where(last, remaining, remaining.sign() * torch.minimum(h, remaining.abs())) * live
-        y_new, err, k_last, climb_last, climb_min = _rk_step(slope, tab, a.t, a.y, step, k, climb)
+        y_new, err, k_last, climb_last, climb_min = _rk_step(slope, tab, a.t, a.y, step, k, a.climb)
         a.nfe += live * (len(tab.c) - 1)
         finite = torch.isfinite(y_new).all(1)  # every scheme here weighs k1 in y_new; DP5's last stage is not
         if tab.fsal:
@@ -279,7 +279,7 @@ def _drive(
                 f = fired.nonzero().flatten()
                 theta = _locate(a.y[f], y_new[f], k[f], k_last[f], step[f], event)
                 y_new[f], _, k_last[f], climb_last[f], _ = _rk_step(
-                    slope, tab, a.t[f], a.y[f], theta * step[f], k[f], climb[f]
+                    slope, tab, a.t[f], a.y[f], theta * step[f], k[f], a.climb[f]
                 )
                 a.nfe[f] += len(tab.c) - 1
             a.hit |= fired
@@ -287,10 +287,9 @@ def _drive(
             fired = torch.zeros_like(accept)
         a.y = torch.where(accept[:, None], y_new, a.y)
         a.t = torch.where(accept, torch.where(last, t_end, a.t + step), a.t)
-        if tab.fsal:
+        if tab.fsal:  # the last stage is the next step's first, at the point just reached
             k = torch.where(accept[:, None], k_last, k)
-            climb = torch.where(accept, climb_last, climb)
-        a.climb = torch.where(accept, climb_last, a.climb)
+            a.climb = torch.where(accept, climb_last, a.climb)
         a.accepted += accept
         a.rejected += live & ~ok
         a.guarded += accept & (climb_min < fz_min)
@@ -319,8 +318,8 @@ def _drive(
             for name in _ROW_FIELDS:
                 getattr(run, name)[gone] = getattr(a, name)[leave]
             keep = live
-            idx, t_end, h, h_min, tol, k, climb, live, after_reject = (
-                v[keep] for v in (idx, t_end, h, h_min, tol, k, climb, live, after_reject)
+            idx, t_end, h, h_min, tol, k, live, after_reject = (
+                v[keep] for v in (idx, t_end, h, h_min, tol, k, live, after_reject)
             )
             for name in _ROW_FIELDS:
                 setattr(a, name, getattr(a, name)[keep])
