@@ -18,6 +18,7 @@ import typer
 
 from efm_cli import __version__, console
 from efm_cli import env as env_info
+from efm_cli.commands.options import JsonOption, QuietOption
 from efm_cli.console import EfmError, ExitCode
 
 app = typer.Typer(
@@ -31,12 +32,6 @@ app = typer.Typer(
 # click >= 8.4 already suggests close command names, and typer 0.20 appends the same "Did you mean ...?"
 # again. Set as an attribute, not a constructor argument, because typer < 0.20 has no such parameter.
 app.suggest_commands = False
-
-JsonOption = Annotated[
-    bool,
-    typer.Option("--json", help="Print one machine-readable JSON document on stdout instead of a table."),
-]
-QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing on stderr but errors.")]
 
 
 def _print_version(value: bool) -> None:

@@ -1,0 +1,114 @@
+"""Model references: which capacitors are known locally, and what a REF or a `--to DOMAIN` means.
+
+A reference is, in this order: an existing local folder; `user/name` or `user/name@revision` on the Hub;
+or the short name of a known capacitor (embedded in `weights/`, or downloaded before). `--to DOMAIN` picks
+the one known capacitor with a plate of that name, and the direction from it. Reading a config here never
+builds a network, so listing models stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from efm_cli import env
+from efm_cli.capacitor import CONFIG_NAME, CapacitorError, Direction, validate
+
+Origin = Literal["embedded", "cache", "path"]
+
+HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+"""`user/name` or `user/name@revision`; a revision may be a branch, a tag or a commit hash."""
+
+
+class UnknownReference(CapacitorError):
+    """A reference or domain that resolves to no capacitor, or to several; `hint` says what is available."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One locally available capacitor."""
+
+    name: str
+    path: Path
+    origin: Origin
+    config: dict[str, Any]
+
+    @property
+    def domains(self) -> tuple[str, str]:
+        return self.config["domains"]["source"], self.config["domains"]["target"]
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """The validated config of a capacitor folder, or None when the folder holds no usable capacitor."""
+    try:
+        return validate(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")))
+    except (OSError, ValueError, CapacitorError):
+        return None
+
+
+def _scan(root: Path, origin: Origin) -> list[Entry]:
+    if not root.is_dir():
+        return []
+    entries = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        config = read_config(folder)
+        if config is not None:
+            entries.append(Entry(folder.name, folder, origin, config))
+    return entries
+
+
+def embedded() -> list[Entry]:
+    """Capacitors shipped with efm, one folder each under `weights/`."""
+    return _scan(env.embedded_weights_dir(), "embedded")
+
+
+def known() -> list[Entry]:
+    """Every capacitor this machine has without a download; embedded ones come first and win on name clashes."""
+    return embedded()
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) when `ref` has the Hub form, else None."""
+    match = HUB_REF.match(ref)
+    return (match["repo"], match["revision"]) if match else None
+
+
+def resolve(ref: str) -> Path:
+    """The local folder of a reference; Hub references are left to the Hub module."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    entries = known()
+    for entry in entries:
+        if entry.name == ref:
+            return entry.path
+    raise UnknownReference(f"no capacitor called {ref!r}", _available_hint(entries))
+
+
+def for_domain(domain: str) -> tuple[Entry, Direction]:
+    """The one known capacitor with a plate named `domain`, and the direction that ends on it."""
+    entries = known()
+    matches = [entry for entry in entries if domain in entry.domains]
+    if not matches:
+        raise UnknownReference(f"no known capacitor translates to {domain!r}", _available_hint(entries))
+    if len(matches) > 1:
+        names = ", ".join(entry.name for entry in matches)
+        raise UnknownReference(
+            f"several capacitors translate to {domain!r}: {names}", "pick one with --model NAME instead of --to"
+        )
+    entry = matches[0]
+    return entry, "forward" if entry.domains[1] == domain else "backward"
+
+
+def _available_hint(entries: list[Entry]) -> str:
+    if not entries:
+        return "no capacitor is installed; pass --model with a folder or a Hub repo (user/name)"
+    listed = ", ".join(f"{e.name} ({e.domains[0]}↔{e.domains[1]})" for e in entries)
+    return f"available: {listed}; see 'efm models'"
