@@ -97,7 +97,13 @@ def _sampler_option_ok(key: str, value: Any) -> bool:
 
 
 class Capacitor:
-    """A field network between two named plates; `translate` carries images from one plate to the other."""
+    """A field network between two named plates; `translate` carries images from one plate to the other.
+
+    `from_pretrained` / `save_pretrained` / `push_to_hub` follow huggingface_hub's ModelHubMixin conventions (same
+    names and keywords, Hub references, the shared cache) without subclassing it: the mixin would write config.json
+    itself, non-atomically, fetch files outside our allow-list and load weights without our checks. Delegating to
+    `efm_cli.hub` keeps loading safetensors-only and validated.
+    """
 
     def __init__(self, config: dict[str, Any], network: nn.Module | None = None) -> None:
         self.config = validate(config)
@@ -115,11 +121,35 @@ class Capacitor:
         return self.config["domains"]["target"]
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Capacitor:
-        """Load a capacitor folder: config.json, then model.safetensors, both checked."""
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | None = None,
+    ) -> Capacitor:
+        """Load a capacitor folder, or a Hub repo (`user/name`, `user/name@revision`) through the HF cache.
+
+        The keywords are huggingface_hub ModelHubMixin's. Either way only config.json and model.safetensors are
+        read, both checked; Hub downloads go through `efm_cli.hub` (capacitor files only, no pickle weights).
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from efm_cli import hub
+        from efm_cli.registry import parse_hub_ref
+
+        ref = os.fspath(folder)
+        if not Path(ref).is_dir() and parse_hub_ref(ref) is not None:
+            if revision is not None:
+                ref = f"{hub.split_ref(ref)[0]}@{revision}"
+            folder = hub.download(
+                ref, offline=local_files_only, token=token, cache=cache_dir, force_download=force_download
+            )
         folder = Path(folder)
         if not folder.is_dir():
             raise CapacitorError(f"{folder} is not a capacitor folder")
@@ -150,8 +180,19 @@ class Capacitor:
         capacitor.network.to(device)
         return capacitor
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Write config.json and model.safetensors, each atomically (a reader never sees half a file)."""
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_options: Any,
+    ) -> Path:
+        """Write config.json and model.safetensors, each atomically (a reader never sees half a file).
+
+        As with huggingface_hub's ModelHubMixin, `push_to_hub=True` then publishes the folder to `repo_id`
+        (`push_options`: private, revision, token, commit_message).
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -160,7 +201,37 @@ class Capacitor:
             save_file(state, str(temporary), metadata={"format": FORMAT})
         with atomic_path(folder / CONFIG_NAME) as temporary:
             temporary.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        if push_to_hub:
+            from efm_cli import hub
+
+            if repo_id is None:
+                raise CapacitorError("push_to_hub needs repo_id='user/name'")
+            hub.push(folder, repo_id, **push_options)
         return folder
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: str | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Publish this capacitor to `repo_id` on the Hub with a generated model card; return the commit URL.
+
+        The repo (and branch `revision`) is created when missing. Errors are `efm_cli.hub.HubError`s.
+        """
+        import tempfile
+
+        from efm_cli import hub
+
+        with tempfile.TemporaryDirectory(prefix="efm-push-") as staging:
+            folder = self.save_pretrained(staging)
+            result = hub.push(
+                folder, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+            )
+        return result.url
 
     def direction_to(self, domain: str) -> Direction:
         """'forward' to reach the target plate, 'backward' to reach the source plate."""
@@ -184,13 +255,17 @@ class Capacitor:
         to: str | None = None,
         direction: Direction = "forward",
         solver: str | None = None,
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         **options: Any,
     ) -> Translation:
         """Carry images [b, C, H, W] in [−1, 1] (the capacitor's size) along the field lines to the other plate.
 
         `to` names the destination domain (it picks the direction); `solver` and `options` (rtol, atol, steps, …)
-        default to the capacitor's sampler settings.
+        default to the capacitor's sampler settings. `precision` "bf16" or "fp16" runs the network under autocast,
+        while the integrator's state and error control stay in fp32, where the tolerances mean something.
         """
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise CapacitorError(f"unknown precision {precision!r}; expected fp32, bf16 or fp16")
         if to is not None:
             direction = self.direction_to(to)
         size, channels = self.config["image"]["size"], self.config["image"]["channels"]
@@ -201,14 +276,16 @@ class Capacitor:
         z0, z1 = self.plates(direction)
         param = next(self.network.parameters())
         x = images.to(param.device, param.dtype)
-        solution = integrate(
-            self.network,
-            x,
-            z0,
-            z1,
-            solver=solver or configured,
-            **{**defaults, **options},
-        )
+        low = torch.float16 if precision == "fp16" else torch.bfloat16
+        with torch.autocast(param.device.type, dtype=low, enabled=precision != "fp32"):
+            solution = integrate(
+                self.network,
+                x,
+                z0,
+                z1,
+                solver=solver or configured,
+                **{**defaults, **options},
+            )
         return Translation(images=solution.x.clamp(-1.0, 1.0), solution=solution, direction=direction)
 
 

@@ -18,7 +18,11 @@ import typer
 
 from efm_cli import __version__, console
 from efm_cli import env as env_info
+from efm_cli.commands.evaluate import eval_command
+from efm_cli.commands.hub import download_command, models_command, push_command
 from efm_cli.commands.options import JsonOption, QuietOption
+from efm_cli.commands.train import train_command
+from efm_cli.commands.translate import translate_command
 from efm_cli.console import EfmError, ExitCode
 
 app = typer.Typer(
@@ -75,6 +79,14 @@ def env_command(json_output: JsonOption = False, quiet: QuietOption = False) -> 
         console.print_json(report)
     else:
         _print_env_tables(report)
+
+
+app.command("translate")(translate_command)
+app.command("train")(train_command)
+app.command("models")(models_command)
+app.command("download")(download_command)
+app.command("push")(push_command)
+app.command("eval")(eval_command)
 
 
 def _human(value: Any) -> str:

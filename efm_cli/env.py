@@ -45,7 +45,10 @@ def efm_cache_dir() -> Path:
 
 
 def embedded_weights_dir() -> Path:
-    """The `weights/` folder beside the package in the source tree, where embedded capacitors live."""
+    """Where embedded capacitors live: `$EFM_WEIGHTS_DIR` (tests, packagers), else `weights/` beside the package."""
+    configured = os.environ.get("EFM_WEIGHTS_DIR")
+    if configured:
+        return Path(configured).expanduser()
     return Path(efm_cli.__file__).resolve().parent.parent / "weights"
 
 

@@ -1,9 +1,15 @@
 """Model references: which capacitors are known locally, and what a REF or a `--to DOMAIN` means.
 
-A reference is, in this order: an existing local folder; `user/name` or `user/name@revision` on the Hub;
-or the short name of a known capacitor (embedded in `weights/`, or downloaded before). `--to DOMAIN` picks
-the one known capacitor with a plate of that name, and the direction from it. Reading a config here never
-builds a network, so listing models stays cheap.
+`resolve(ref)` tries, in this order:
+
+1. an existing local folder (`./runs/h2z/model`, `~/caps/h2z`): used as it is;
+2. a Hub reference, `user/name` or `user/name@revision` (branch, tag or full commit hash): downloaded into the
+   shared HF cache by `efm_cli.hub` (a cache hit needs no file request; offline, the cache alone answers);
+3. a short name: the folder name of an embedded capacitor (`weights/NAME`), or the repo name of a cached Hub
+   capacitor (`name` for `user/name`, its `main` revision); embedded ones win on a clash.
+
+`--to DOMAIN` picks the one known capacitor (embedded or cached) with a plate of that name, and the direction
+from it. Reading a config here never builds a network, so listing models stays cheap.
 """
 
 from __future__ import annotations
@@ -69,9 +75,23 @@ def embedded() -> list[Entry]:
     return _scan(env.embedded_weights_dir(), "embedded")
 
 
+def cached() -> list[Entry]:
+    """Capacitors in the shared HF cache: `user/name` for a repo's main revision, `user/name@REF` for others."""
+    from efm_cli import hub
+
+    entries, names = [], set()
+    for item in hub.cached():
+        refs = [ref for ref in item.refs if ref != "main"]
+        name = item.repo_id if "main" in item.refs else f"{item.repo_id}@{refs[0] if refs else item.commit}"
+        if name not in names:
+            names.add(name)
+            entries.append(Entry(name, item.path, "cache", item.config))
+    return entries
+
+
 def known() -> list[Entry]:
     """Every capacitor this machine has without a download; embedded ones come first and win on name clashes."""
-    return embedded()
+    return embedded() + cached()
 
 
 def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
@@ -80,15 +100,27 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
     return (match["repo"], match["revision"]) if match else None
 
 
+def short_name(entry: Entry) -> str:
+    """What a user may type for an entry: an embedded folder name, or the repo name of a cached capacitor."""
+    return entry.name.split("/")[-1] if entry.origin == "cache" else entry.name
+
+
 def resolve(ref: str) -> Path:
-    """The local folder of a reference; Hub references are left to the Hub module."""
+    """The local folder of a reference, in the order of the module docstring; Hub errors are `hub.HubError`s."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
+    if parse_hub_ref(ref) is not None:
+        from efm_cli import hub
+
+        return hub.download(ref)
     entries = known()
-    for entry in entries:
-        if entry.name == ref:
-            return entry.path
+    matches = [entry for entry in entries if ref in (entry.name, short_name(entry))]
+    if len(matches) > 1 and matches[0].origin == "cache":
+        names = ", ".join(entry.name for entry in matches)
+        raise UnknownReference(f"{ref!r} could be any of {names}", "pass the full user/name instead")
+    if matches:
+        return matches[0].path
     raise UnknownReference(f"no capacitor called {ref!r}", _available_hint(entries))
 
 

@@ -47,3 +47,13 @@ def run_python() -> Run:
         return _run([sys.executable, "-c", code, *args], env, timeout)
 
     return run
+
+
+@pytest.fixture
+def hub_server():
+    """A Hub-compatible server on 127.0.0.1 (tests/hub_server.py), stopped after the test."""
+    from hub_server import HubServer
+
+    server = HubServer().start()
+    yield server
+    server.stop()

@@ -1,0 +1,153 @@
+"""`efm eval`: parse the flags, run `efm_cli.evaluate.report`, print a table or one JSON document."""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from efm_cli import console
+from efm_cli.commands.options import JsonOption, QuietOption
+from efm_cli.console import EfmError, ExitCode
+
+
+class Features(StrEnum):
+    classifier = "classifier"
+    inception = "inception"
+
+
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Capacitor: a folder, user/name on the Hub, or a name.")],
+    source: Annotated[
+        Path,
+        typer.Option(exists=True, file_okay=False, help="Held-out source images to translate."),
+    ],
+    target: Annotated[
+        Path,
+        typer.Option(exists=True, file_okay=False, help="Held-out target images to compare with."),
+    ],
+    train_source: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False, help="Source images the domain classifier trains on."),
+    ] = None,
+    train_target: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False, help="Target images the domain classifier trains on."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most N images of each held-out folder.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images translated at once.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(min=0, help="Seed of splits, subsets, noise and the classifier.")] = 0,
+    features: Annotated[
+        Features,
+        typer.Option(help="Also report Inception FID/KID (needs torchvision's weights on this machine)."),
+    ] = Features.classifier,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Report how well a capacitor translates held-out images: target rate, trick test, FD, structure, hue, speed.
+
+    A small domain classifier is trained on the train folders (or, without them, on a seeded half of each given
+    folder) and cached beside the capacitor, so the second run on the same data starts at once.
+
+    Examples:
+    efm eval -m cap --source d/test/two --target d/test/three --train-source d/train/two --train-target d/train/three
+    efm eval -m runs/h2z/model --source h2z/testA --target h2z/testB --limit 100 --json
+    """
+    console.set_quiet(quiet)
+    if (train_source is None) != (train_target is None):
+        raise typer.BadParameter("give both --train-source and --train-target, or neither")
+    _check_device(device)
+
+    from efm_cli import evaluate
+    from efm_cli.capacitor import CapacitorError
+    from efm_cli.classifier import ClassifierError
+
+    try:
+        report = evaluate.report(
+            model,
+            source,
+            target,
+            train_source=train_source,
+            train_target=train_target,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            features=features.value,
+            say=console.info,
+        )
+    except (evaluate.EvalError, CapacitorError) as error:
+        raise EfmError(str(error), getattr(error, "hint", None)) from error
+    except ClassifierError as error:
+        raise EfmError(str(error), "rerun; delete the .eval-cache folder if the cache is damaged") from error
+    for item in report["classifier"]["skipped"]:
+        console.warn(f"classifier training skipped {item['path']}: {item['reason']}")
+    for item in report["skipped"]:
+        console.warn(f"skipped {item['path']}: {item['reason']}")
+    if json_output:
+        console.print_json(report)
+    else:
+        _print_table(report)
+    if report["skipped"]:
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _check_device(name: str) -> None:
+    """Reject a malformed device name as a usage error before anything heavy is imported."""
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind in ("auto", "cpu") or not index.isdigit())):
+        raise typer.BadParameter(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", param_hint="--device")
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    """One table: metric, value, and what the value is measured against."""
+    from rich.table import Table
+    from rich.text import Text
+
+    model, data, cls, tricks = report["model"], report["data"], report["classifier"], report["trick_test"]
+    fd, speed = report["fd"], report["speed"]
+    target = model["target"]
+    title = (
+        f"{model['source']} → {target}: {data['images']['source']} source and {data['images']['target']} "
+        f"target images ({'given train folders' if data['split'] == 'given' else 'folders split in half'})"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("meaning", overflow="fold")
+    trust = "trustworthy" if tricks["trustworthy"] else f"UNTRUSTWORTHY: fooled by {', '.join(tricks['fooled_by'])}"
+    rows = [
+        ("classifier accuracy", _number(cls["accuracy"]), "held-out, mean of both domains"),
+        ("target rate", _number(report["target_rate"]), f"translations called {target!r}; {trust}"),
+        ("robust target rate", _number(report["robust_target_rate"]), "called so untouched and under every trick"),
+        ("source target rate", _number(tricks["source_rate"]), "untouched source images (no translation)"),
+        *(
+            (f"  trick: {name}", _number(rate), "source images after the trick; must stay within +0.10")
+            for name, rate in tricks["rates"].items()
+        ),
+        ("mean abs change", _number(report["mean_abs_change"], 1), "per pixel and channel, levels of 255"),
+        ("FD", _number(fd["translated"], 2), "translations vs target, classifier features"),
+        ("FD no-op", _number(fd["no_op"], 2), "source vs target"),
+        ("FD noise floor", _number(fd["noise_floor"], 2), "target train vs target test"),
+        ("structure (SSIM)", _number(report["structure_ssim"]), "luminance of input vs output at 64×64"),
+        ("hue difference", _number(report["hue_difference_deg"], 1), f"degrees, over {report['hue_images']} images"),
+        ("NFE", _number(speed["nfe_mean"], 1), f"field evaluations per image; {speed['landed']} landed"),
+        ("images/s", _number(speed["images_per_second"], 2), f"on {speed['device']}"),
+    ]
+    if report["inception"] is not None:
+        for metric, values in report["inception"].items():
+            for name, value in values.items():
+                rows.append((f"{metric.upper()} {name.replace('_', ' ')}", _number(value, 4), "Inception v3 pool"))
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    console.out_console().print(table)

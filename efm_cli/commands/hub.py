@@ -1,0 +1,209 @@
+"""`efm models`, `efm download`, `efm push`: the Hub commands, thin shells over `efm_cli.registry` and `efm_cli.hub`.
+
+Nothing heavy is imported at module level: the library modules (which pull in torch and huggingface_hub) load
+inside each command, so `efm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from efm_cli import console
+from efm_cli.commands.options import JsonOption, QuietOption
+from efm_cli.console import EfmError
+
+_REPO_HELP = "Hub repo to publish to, as USER/NAME (created if missing)."
+
+
+def _repo_name(value: str) -> str:
+    """Typer callback: a bad --repo is a usage error (exit 2), caught before anything is read or sent."""
+    from efm_cli.registry import parse_hub_ref
+
+    parsed = parse_hub_ref(value)
+    if parsed is None or parsed[1] is not None:
+        raise typer.BadParameter(f"{value!r} is not USER/NAME")
+    return value
+
+
+OfflineOption = Annotated[
+    bool,
+    typer.Option("--offline", help="Use the local cache only and send no request (same as HF_HUB_OFFLINE=1)."),
+]
+
+
+def _quiet_hub(quiet: bool, json_output: bool) -> None:
+    """Progress bars only for a person watching stderr, as the product contract wants."""
+    console.set_quiet(quiet)
+    if quiet or json_output or not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def _fail(error: Exception) -> EfmError:
+    return EfmError(str(error), getattr(error, "hint", None))
+
+
+def _describe(name: str, path: Path, origin: str, config: dict[str, Any]) -> dict[str, Any]:
+    from efm_cli import hub
+    from efm_cli.capacitor import WEIGHTS_NAME
+
+    weights = path / WEIGHTS_NAME
+    return {
+        "name": name,
+        "origin": origin,
+        "path": str(path),
+        "domains": [config["domains"]["source"], config["domains"]["target"]],
+        "resolution": config["image"]["size"],
+        "channels": config["image"]["channels"],
+        "field": config["field"]["kind"],
+        "size_bytes": weights.stat().st_size,
+        "parameters": hub.parameters(weights),
+    }
+
+
+def models_command(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Also describe these capacitor or training-run folders (origin 'path').", show_default=False
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """List the capacitors this machine has: embedded ones (weights/) and Hub downloads in the HF cache.
+
+    Columns: name (what --model accepts), domains, resolution, field kind, size, origin.
+    PATHS (optional) adds capacitor or training-run folders, with origin "path".
+    Nothing is downloaded; no network request is made.
+
+    Examples:
+    efm models
+    efm models --json | jq '.models[].name'
+    efm models runs/h2z
+    """
+    from efm_cli import hub, registry
+    from efm_cli.capacitor import CapacitorError
+
+    console.set_quiet(quiet)
+    rows = [_describe(entry.name, entry.path, entry.origin, entry.config) for entry in registry.known()]
+    for path in paths or []:
+        folder, _ = hub.locate_capacitor(path)
+        try:
+            config = hub.check_folder(folder)
+        except CapacitorError as error:
+            raise EfmError(f"{path}: {error}", "pass a capacitor folder or a training run folder") from error
+        rows.append(_describe(str(path), folder, "path", config))
+    if json_output:
+        console.print_json({"models": rows, "hf_hub_cache": str(hub.cache_dir())})
+        return
+    if not rows:
+        console.info("no capacitor found: train one with 'efm train', or fetch one with 'efm download USER/NAME'")
+        return
+    _print_models(rows)
+
+
+def _print_models(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    for column in ("name", "domains", "resolution", "field", "size", "origin"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        size = f"{row['size_bytes'] / 1e6:.1f} MB / {row['parameters'] / 1e6:.2f} M params"
+        domains = f"{row['domains'][0]} ↔ {row['domains'][1]}"
+        cells = (row["name"], domains, f"{row['resolution']}×{row['resolution']}", row["field"], size, row["origin"])
+        table.add_row(*(Text(str(cell)) for cell in cells))
+    console.out_console().print(table)
+
+
+def download_command(
+    ref: Annotated[str, typer.Argument(help="USER/NAME or USER/NAME@REVISION (branch, tag or commit hash).")],
+    offline: OfflineOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Fetch a capacitor from the Hugging Face Hub into the shared HF cache and print its local folder.
+
+    REF is USER/NAME or USER/NAME@REVISION (a branch, tag or full commit hash).
+    Only config.json, model.safetensors, README.md and sample.png are fetched.
+    A revision already in the cache is not fetched again.
+    HF_TOKEN: token for private repos. HF_ENDPOINT: a mirror.
+    HF_HUB_OFFLINE=1 or --offline: use the cache only, send no request.
+
+    Examples:
+    efm download alice/horse2zebra
+    efm download alice/horse2zebra@v1.0 --json
+    HF_HUB_OFFLINE=1 efm download alice/horse2zebra
+    """
+    from efm_cli import hub, registry
+    from efm_cli.capacitor import CapacitorError
+
+    _quiet_hub(quiet, json_output)
+    try:
+        if registry.parse_hub_ref(ref) is not None and not Path(ref).is_dir():
+            folder = hub.download(ref, offline=offline)
+        else:
+            folder = registry.resolve(ref)
+        config = hub.check_folder(folder)
+    except CapacitorError as error:
+        raise _fail(error) from error
+    if json_output:
+        files = sorted(path.name for path in folder.iterdir() if path.is_file())
+        domains = [config["domains"]["source"], config["domains"]["target"]]
+        console.print_json({"ref": ref, "path": str(folder), "files": files, "domains": domains})
+    else:
+        print(folder)
+
+
+def push_command(
+    folder: Annotated[
+        Path, typer.Argument(help="A training run folder (its model/ is pushed) or a capacitor folder.", exists=True)
+    ],
+    repo: Annotated[str, typer.Option("--repo", help=_REPO_HELP, callback=_repo_name, show_default=False)],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private (if it is new).")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch to commit to (created if missing); default main.")
+    ] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Publish a capacitor to the Hugging Face Hub, with a model card and its sample grid.
+
+    FOLDER is a training run folder (its model/ is pushed) or a capacitor folder.
+    Uploads config.json, model.safetensors, README.md and sample.png.
+    The model card is generated, unless the capacitor folder has its own README.md.
+    Needs a token with write access: HF_TOKEN, or a login stored by 'hf auth login'.
+    Prints the commit URL.
+
+    Examples:
+    efm push runs/horse2zebra --repo alice/horse2zebra
+    efm push runs/horse2zebra --repo alice/horse2zebra --private --revision experiment-2
+    """
+    from efm_cli import hub
+
+    _quiet_hub(quiet, json_output)
+    try:
+        result = hub.push(folder, repo, private=private, revision=revision, commit_message=message)
+    except hub.HubError as error:
+        raise _fail(error) from error
+    if json_output:
+        console.print_json(
+            {
+                "repo": result.repo_id,
+                "revision": result.revision,
+                "commit": result.commit,
+                "url": result.url,
+                "files": list(result.files),
+            }
+        )
+    else:
+        console.info(f"pushed {', '.join(result.files)} to {result.repo_id} ({result.revision})")
+        print(result.url)

@@ -1,0 +1,547 @@
+"""A training run on disk: settings, checkpoints, metrics, sample grids, the loss plot and the exported capacitor.
+
+`fit` drives a `Trainer` over two folders (or noise) and owns the run folder of product.md:
+
+    RUN/config.json         the run's settings (read back by --resume)
+    RUN/checkpoints/        step-XXXXXXXX/ folders and `latest` (see efm_cli.checkpoint)
+    RUN/samples/            step-XXXXXXXX.png: source images above their translations, with the EMA weights
+    RUN/metrics.jsonl       one JSON line per logging step
+    RUN/loss.png            the loss curve
+    RUN/model/              the finished capacitor, rewritten at every checkpoint and at the end
+
+Under `torchrun` every process runs `fit`; they share each global batch (each loads its rows, then all gather
+them), split the points between them, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from efm_cli import __version__, checkpoint, console
+from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.datasets import NOISE, BatchStream, DataError, ImageFolder, Preprocessing, batches
+from efm_cli.files import atomic_path
+from efm_cli.images import save_atomic
+from efm_cli.integrator import integrate
+from efm_cli.network import build, preset
+from efm_cli.train import FieldSpec, Precision, Schedule, Shard, Trainer
+
+RUN_FORMAT = "efm-run"
+SAMPLE_NAME = "sample.png"
+
+
+class RunError(Exception):
+    """A run folder or settings that cannot be used; the message says why and `hint` what to do."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that defines a run; stored in RUN/config.json so that `--resume` needs no flags."""
+
+    source: str
+    target: str
+    source_name: str
+    target_name: str
+    prep: Preprocessing
+    field: FieldSpec
+    schedule: Schedule
+    network: str = "small"
+    charges: int = 64
+    points: int = 32
+    seed: int = 0
+    precision: Precision = "fp32"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    samples: int = 8
+    sample_steps: int = 20
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSettings:
+        return cls(
+            **{
+                **data,
+                "prep": Preprocessing(**data["prep"]),
+                "field": FieldSpec(**data["field"]),
+                "schedule": Schedule(**data["schedule"]),
+            }
+        )
+
+
+@dataclass
+class Budget:
+    """When this session stops: after `steps` in total, or `minutes` of wall time, whichever comes first."""
+
+    steps: int | None = None
+    minutes: float | None = None
+
+
+@dataclass
+class Summary:
+    """What `fit` reports at the end (also `efm train --json`)."""
+
+    run: str
+    model: str
+    step: int
+    skipped: int
+    loss: float | None
+    seconds: float
+    steps_per_s: float
+    stopped: str
+    source_images: int
+    target_images: int
+    ignored: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """One logging step, as written to metrics.jsonl."""
+
+    step: int
+    total: int | None
+    loss: float
+    smoothed: float
+    grad_norm: float
+    lr: float
+    skipped: int
+    steps_per_s: float
+    elapsed_s: float
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA, then MPS, then CPU; an explicit device that is missing is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(name.split(":")[0], False):
+        raise RunError(f"device {name!r} is not available here", "use --device auto or cpu; see 'efm env'")
+    return torch.device(name)
+
+
+def write_settings(run: Path, settings: RunSettings) -> None:
+    with atomic_path(run / "config.json") as temporary:
+        document = {"format": RUN_FORMAT, "efm_version": __version__, "settings": settings.to_json()}
+        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def read_settings(run: Path) -> RunSettings:
+    """The settings of an existing run folder (for `--resume`)."""
+    try:
+        document = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        if document.get("format") != RUN_FORMAT:
+            raise ValueError(f"format is {document.get('format')!r}, not {RUN_FORMAT!r}")
+        return RunSettings.from_json(document["settings"])
+    except FileNotFoundError as error:
+        raise RunError(
+            f"{run} is not a training run (no config.json)", "pass the folder that efm train wrote"
+        ) from error
+    except (ValueError, TypeError, KeyError) as error:
+        raise RunError(f"{run / 'config.json'} is not a valid run config ({error})") from error
+
+
+def _folder(name: str, prep: Preprocessing) -> ImageFolder | None:
+    if name == NOISE:
+        return None
+    try:
+        return ImageFolder(Path(name), prep)
+    except DataError as error:
+        raise RunError(str(error), "check the --source and --target folders") from error
+
+
+class _Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """Every rank's rows of a batch, in rank order: the global batch."""
+        if self.world == 1:
+            return rows
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.cat(parts)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on one (so that all stop together)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _capacitor_config(settings: RunSettings, trainer: Trainer, counts: tuple[int, int], seconds: float) -> dict:
+    network = preset(settings.network, size=settings.prep.size, L=settings.field.L).to_dict()
+    return new_config(
+        source=settings.source_name,
+        target=settings.target_name,
+        network=network,
+        field=settings.field.to_config(),
+        size=settings.prep.size,
+        preprocessing={"resize": settings.prep.resize, "hflip": settings.prep.hflip},
+        sampler={"solver": "dopri5", "rtol": 1e-3, "atol": 1e-3},
+        training={
+            "steps": trainer.step,
+            "skipped_steps": trainer.skipped,
+            "source_images": counts[0],
+            "target_images": counts[1],
+            "charges_per_plate": settings.charges,
+            "points_per_step": settings.points,
+            "lr": settings.schedule.lr,
+            "seed": settings.seed,
+            "seconds": round(seconds, 1),
+            "efm_version": __version__,
+        },
+    )
+
+
+def _grid(rows: list[Tensor]) -> np.ndarray:
+    """Rows of image batches [n, 3, s, s] in [−1, 1] as one uint8 picture with 2-pixel gaps."""
+    n, _, s, _ = rows[0].shape
+    gap = 2
+    canvas = torch.ones(3, len(rows) * (s + gap) - gap, n * (s + gap) - gap)
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images.clamp(-1, 1)):
+            canvas[:, r * (s + gap) : r * (s + gap) + s, c * (s + gap) : c * (s + gap) + s] = image
+    return ((canvas + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def plot_loss(path: Path, steps: list[int], losses: list[float], smoothed: list[float]) -> None:
+    """A plain line chart of the loss (raw in grey, smoothed in blue), drawn with PIL to avoid a plotting library."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 640, 360, 48
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    finite = [v for v in losses + smoothed if math.isfinite(v)]
+    if len(steps) >= 2 and finite:
+        low, high = min(finite), max(finite)
+        high = high if high > low else low + 1.0
+        first, last = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
+
+        def point(step: int, value: float) -> tuple[float, float]:
+            x = margin + (step - first) / (last - first) * (width - 2 * margin)
+            y = height - margin - (value - low) / (high - low) * (height - 2 * margin)
+            return x, y
+
+        for series, colour in ((losses, (190, 190, 190)), (smoothed, (31, 119, 180))):
+            line = [point(s, v) for s, v in zip(steps, series, strict=True) if math.isfinite(v)]
+            if len(line) >= 2:
+                draw.line(line, fill=colour, width=2)
+        draw.text((margin, height - margin + 8), f"step {first}", fill="black")
+        draw.text((width - margin - 80, height - margin + 8), f"step {steps[-1]}", fill="black")
+        draw.text((4, margin - 14), f"{high:.4g}", fill="black")
+        draw.text((4, height - margin - 4), f"{low:.4g}", fill="black")
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    draw.text((margin, 16), "training loss (grey: per log step, blue: smoothed)", fill="black")
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
+
+
+class _Metrics:
+    """metrics.jsonl, cut back to the resumed step so that a resumed run's log reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int, write: bool) -> None:
+        self.path, self.write = path, write
+        self.records: list[dict[str, Any]] = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut off by a kill
+                if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
+                    self.records.append(record)
+        if write:
+            with atomic_path(path) as temporary:
+                temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.write:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    @property
+    def smoothed(self) -> float | None:
+        return self.records[-1]["smoothed"] if self.records else None
+
+    def plot(self, path: Path) -> None:
+        if self.write:
+            steps = [r["step"] for r in self.records]
+            plot_loss(path, steps, [r["loss"] for r in self.records], [r["smoothed"] for r in self.records])
+
+
+def fit(
+    settings: RunSettings,
+    run: Path,
+    *,
+    budget: Budget,
+    resume: bool = False,
+    device: str = "auto",
+    workers: int | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Summary:
+    """Train (or continue) the run in `run` until the budget is spent; export its capacitor to RUN/model."""
+    # Adam's second moments and late gradients reach subnormal floats, which x86 CPUs process many times slower.
+    torch.set_flush_denormal(True)
+    dist = _Distributed(pick_device(device))
+    try:
+        return _fit(settings, run, dist, budget, resume, workers, on_progress)
+    finally:
+        dist.close()
+
+
+def _fit(
+    settings: RunSettings,
+    run: Path,
+    dist: _Distributed,
+    budget: Budget,
+    resume: bool,
+    workers: int | None,
+    on_progress: Callable[[Progress], None] | None,
+) -> Summary:
+    started = time.monotonic()
+    device = dist.device
+    prep = settings.prep
+    source_data, target_data = _folder(settings.source, prep), _folder(settings.target, prep)
+    if source_data is None and target_data is None:
+        raise RunError("both plates are noise", "give at least one image folder")
+    shape = (3, prep.size, prep.size)
+    streams = (
+        BatchStream(source_data, settings.charges, settings.seed * 2, shape=shape),
+        BatchStream(target_data, settings.charges, settings.seed * 2 + 1, shape=shape),
+    )
+    counts = (len(source_data) if source_data else 0, len(target_data) if target_data else 0)
+    network_config = preset(settings.network, size=prep.size, L=settings.field.L).to_dict()
+    torch.manual_seed(settings.seed)
+    network = build(network_config).to(device)
+    model: nn.Module = network
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+    shard = Shard(dist.rank, dist.world)
+    trainer = Trainer(
+        network,
+        settings.field,
+        settings.schedule,
+        points=settings.points,
+        seed=settings.seed,
+        precision=settings.precision,
+        model=model,
+        shard=shard,
+    )
+    checkpoints = run / "checkpoints"
+    if resume:
+        found = checkpoint.latest(checkpoints)
+        if found is not None:
+            tensors, meta = checkpoint.load(found)
+            trainer.load_state(tensors, meta)
+            started -= float(meta.get("elapsed_s", 0.0))
+    elif dist.main:
+        write_settings(run, settings)
+    metrics = _Metrics(run / "metrics.jsonl", trainer.step, dist.main)
+    smoothed = metrics.smoothed
+    elapsed_before = time.monotonic() - started
+    session_start = time.monotonic()
+    session_steps = 0
+    fixed = _sample_inputs(streams[0], settings.samples)
+    sampler_net = build(network_config).to(device)
+
+    def save_everything() -> None:
+        if not dist.main:
+            return
+        elapsed = elapsed_before + time.monotonic() - session_start
+        tensors, meta = trainer.state()
+        checkpoint.save(checkpoints, trainer.step, tensors, {**meta, "elapsed_s": elapsed})
+        metrics.plot(run / "loss.png")
+        _export(settings, trainer, sampler_net, counts, elapsed, run)
+
+    window: list[tuple[float, float]] = []
+    stopped = "steps"
+    last_saved = trainer.step
+    data = batches(
+        *streams,
+        start=trainer.step,
+        rows=shard.rows(settings.charges),
+        workers=_workers(workers, source_data, target_data),
+    )
+    with _StopOnSignal() as interrupt:
+        while budget.steps is None or trainer.step < budget.steps:
+            out_of_time = budget.minutes is not None and time.monotonic() - session_start >= budget.minutes * 60
+            if dist.any(out_of_time or interrupt.requested):
+                stopped = "interrupted" if interrupt.requested else "time"
+                break
+            source_rows, target_rows = next(data)
+            source = dist.gather(source_rows.to(device, non_blocking=True))
+            target = dist.gather(target_rows.to(device, non_blocking=True))
+            stats = trainer.step_on(source, target)
+            session_steps += 1
+            if stats.applied:
+                window.append((stats.loss, stats.grad_norm))
+            if trainer.step % settings.log_every == 0:
+                loss = float(np.mean([w[0] for w in window])) if window else math.nan
+                grad = float(np.mean([w[1] for w in window])) if window else math.nan
+                window.clear()
+                if math.isfinite(loss):
+                    smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                rate = session_steps / max(time.monotonic() - session_start, 1e-9)
+                record = Progress(
+                    step=trainer.step,
+                    total=budget.steps,
+                    loss=loss,
+                    smoothed=smoothed if smoothed is not None else math.nan,
+                    grad_norm=grad,
+                    lr=stats.lr,
+                    skipped=trainer.skipped,
+                    steps_per_s=rate,
+                    elapsed_s=elapsed_before + time.monotonic() - session_start,
+                )
+                metrics.append(asdict(record))
+                if on_progress is not None and dist.main:
+                    on_progress(record)
+            if trainer.step % settings.sample_every == 0 and dist.main:
+                _write_samples(run, trainer, sampler_net, fixed, settings)
+            if trainer.step % settings.checkpoint_every == 0:
+                save_everything()
+                last_saved = trainer.step
+    if trainer.step != last_saved or not (run / "model").is_dir():
+        if dist.main:
+            _write_samples(run, trainer, sampler_net, fixed, settings)
+        save_everything()
+    if stopped == "interrupted":
+        raise KeyboardInterrupt
+    seconds = time.monotonic() - session_start
+    return Summary(
+        run=str(run),
+        model=str(run / "model"),
+        step=trainer.step,
+        skipped=trainer.skipped,
+        loss=metrics.smoothed,
+        seconds=round(seconds, 2),
+        steps_per_s=round(session_steps / max(seconds, 1e-9), 3),
+        stopped=stopped,
+        source_images=counts[0],
+        target_images=counts[1],
+        ignored=[{"path": str(p), "reason": r} for data in (source_data, target_data) if data for p, r in data.skipped],
+    )
+
+
+class _StopOnSignal:
+    """The first Ctrl-C (or SIGTERM) asks the loop to stop after the current step, so that the checkpoint it then
+    writes is a step boundary; a second one interrupts at once, leaving the previous checkpoint as it was."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.warn("stopping after this step (press Ctrl-C again to stop at once, without saving)")
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def _workers(requested: int | None, *folders: ImageFolder | None) -> int:
+    """Decoding processes: none when every folder is held in memory, else what was asked (default 2)."""
+    streaming = any(f is not None and f.pixels is None for f in folders)
+    if requested is not None:
+        return requested
+    return 2 if streaming else 0
+
+
+def _sample_inputs(stream: BatchStream, count: int) -> Tensor:
+    """The same few source charges for every sample grid of a run: the first images, or seeded noise."""
+    if stream.data is None:
+        return _noise_samples(stream, count)
+    index = torch.arange(min(count, len(stream.data)))
+    return stream.data.get(index).float() / 127.5 - 1.0
+
+
+def _noise_samples(stream: BatchStream, count: int) -> Tensor:
+    gen = torch.Generator().manual_seed(stream.seed + 12345)
+    return torch.randn(count, *stream.shape, generator=gen)
+
+
+@torch.no_grad()
+def _write_samples(run: Path, trainer: Trainer, net: nn.Module, fixed: Tensor, settings: RunSettings) -> None:
+    """samples/step-XXXXXXXX.png: the fixed sources above their translations along the EMA field (Euler)."""
+    ema = trainer.ema_network(net)
+    device = next(ema.parameters()).device
+    spec = settings.field
+    solution = integrate(
+        ema, fixed.to(device), spec.eps, spec.L - spec.eps, solver="euler", steps=settings.sample_steps
+    )
+    grid = _grid([fixed, solution.x.float().cpu()])
+    save_atomic(run / "samples" / f"step-{trainer.step:08d}.png", grid)
+
+
+def _export(
+    settings: RunSettings, trainer: Trainer, net: nn.Module, counts: tuple[int, int], seconds: float, run: Path
+) -> None:
+    """RUN/model: the capacitor with the EMA weights, and the newest sample grid beside it."""
+    config = _capacitor_config(settings, trainer, counts, seconds)
+    model = run / "model"
+    Capacitor(config, network=trainer.ema_network(net)).save_pretrained(model)
+    grids = sorted((run / "samples").glob("step-*.png"))
+    if grids:
+        with atomic_path(model / SAMPLE_NAME) as temporary:
+            shutil.copyfile(grids[-1], temporary)

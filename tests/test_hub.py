@@ -1,0 +1,368 @@
+"""Hub support against a real HTTP server on 127.0.0.1 (tests/hub_server.py) and the real huggingface_hub client.
+
+In-process tests pass the server's URL as the endpoint and point the HF cache at tmp_path; subprocess tests set
+HF_ENDPOINT and HF_HOME. No request ever leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import TOKEN, HubServer
+
+from efm_cli import hub, registry
+from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.network import preset
+
+SIZE = 16
+CAPACITOR_FILES = {"config.json", "model.safetensors"}
+
+
+@functools.cache
+def capacitor_files(seed: int = 0, source: str = "horse", target: str = "zebra") -> dict[str, bytes]:
+    """config.json and model.safetensors of a tiny random capacitor; different seeds give different weights."""
+    config = new_config(
+        source=source,
+        target=target,
+        network=preset("tiny", size=SIZE, L=6.0).to_dict(),
+        field={"kind": "tube", "L": 6.0, "S": 1.0},
+        size=SIZE,
+        training={"steps": 10 + seed, "datasets": ["local/horses"], "metrics": {"fid": 12.5}},
+    )
+    capacitor = Capacitor(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in capacitor.network.parameters():
+            parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+        capacitor.network.conv_out.bias[-1] = 30.0  # the field climbs everywhere: every line reaches the plate
+    with tempfile.TemporaryDirectory() as folder:
+        capacitor.save_pretrained(folder)
+        return {name: (Path(folder) / name).read_bytes() for name in sorted(CAPACITOR_FILES)}
+
+
+@pytest.fixture(autouse=True)
+def isolated_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF cache under tmp_path, no token from the environment or a stored login."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return cache
+
+
+def get(server: HubServer, ref: str, **options) -> Path:
+    return hub.download(ref, endpoint=server.url, **options)
+
+
+def names(folder: Path) -> set[str]:
+    return {path.name for path in folder.iterdir()}
+
+
+def subprocess_env(server: HubServer, tmp_path: Path, **extra: str) -> dict[str, str]:
+    home = tmp_path / "hf"
+    return {
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        **extra,
+    }
+
+
+def test_first_download_then_cache_hit_makes_no_file_request(hub_server: HubServer) -> None:
+    hub_server.add("alice/h2z", capacitor_files())
+    folder = get(hub_server, "alice/h2z")
+    assert names(folder) == CAPACITOR_FILES
+    assert (folder / "model.safetensors").read_bytes() == capacitor_files()["model.safetensors"]
+    assert {r.path.rsplit("/", 1)[-1] for r in hub_server.file_requests()} == CAPACITOR_FILES
+    before = len(hub_server.file_requests())
+    assert get(hub_server, "alice/h2z") == folder
+    assert len(hub_server.file_requests()) == before
+
+
+def test_revision_pinning_by_branch_tag_and_commit(hub_server: HubServer) -> None:
+    first = hub_server.add("alice/h2z", capacitor_files(1))
+    hub_server.repos["alice/h2z"].refs["v1"] = first
+    second = hub_server.add("alice/h2z", capacitor_files(2))
+    weights = {
+        sha: files["model.safetensors"] for sha, files in ((first, capacitor_files(1)), (second, capacitor_files(2)))
+    }
+    assert weights[first] != weights[second]
+    for ref, sha in (
+        ("alice/h2z", second),
+        ("alice/h2z@main", second),
+        ("alice/h2z@v1", first),
+        (f"alice/h2z@{first}", first),
+    ):
+        folder = get(hub_server, ref)
+        assert folder.name == sha
+        assert (folder / "model.safetensors").read_bytes() == weights[sha]
+    assert get(hub_server, "alice/h2z@v1", offline=True).name == first
+
+
+def test_offline_reads_the_cache_only_and_sends_nothing(hub_server: HubServer) -> None:
+    hub_server.add("alice/h2z", capacitor_files())
+    with pytest.raises(hub.HubError, match="alice/h2z is not in the cache, and offline mode") as caught:
+        get(hub_server, "alice/h2z", offline=True)
+    assert "efm download alice/h2z" in caught.value.hint
+    assert hub_server.log == []
+    folder = get(hub_server, "alice/h2z")
+    count = len(hub_server.log)
+    assert get(hub_server, "alice/h2z", offline=True) == folder
+    assert len(hub_server.log) == count
+
+
+def test_missing_repo_and_revision_are_named_with_a_hint(hub_server: HubServer) -> None:
+    hub_server.add("alice/h2z", capacitor_files())
+    with pytest.raises(hub.HubError, match=r"^repo alice/nope not found on http://127\.0\.0\.1:\d+$") as caught:
+        get(hub_server, "alice/nope")
+    assert "HF_TOKEN" in caught.value.hint
+    with pytest.raises(hub.HubError, match="revision 'v9' not found in alice/h2z") as caught:
+        get(hub_server, "alice/h2z@v9")
+    assert "branch, tag or commit" in caught.value.hint
+    assert hub_server.file_requests() == []
+
+
+def test_server_error_then_success_on_retry(hub_server: HubServer) -> None:
+    hub_server.add("alice/h2z", capacitor_files())
+    hub_server.fail("GET", r"^/api/models/alice/h2z", 503)
+    with pytest.raises(hub.HubError, match=r"answered HTTP 503 for alice/h2z") as caught:
+        get(hub_server, "alice/h2z")
+    assert "try again later" in caught.value.hint
+    hub_server.fail("HEAD", r"/resolve/.*/model\.safetensors$", 500)
+    folder = get(hub_server, "alice/h2z")
+    assert (folder / "model.safetensors").read_bytes() == capacitor_files()["model.safetensors"]
+    heads = [r.status for r in hub_server.requests("model.safetensors", "HEAD")]
+    assert heads == [500, 200]
+
+
+def test_connection_refused_and_falling_back_to_the_cache(hub_server: HubServer) -> None:
+    hub_server.add("alice/h2z", capacitor_files())
+    folder = get(hub_server, "alice/h2z")
+    hub_server.stop()
+    with pytest.raises(hub.HubError, match=r"cannot reach http://127\.0\.0\.1:\d+ for alice/other") as caught:
+        get(hub_server, "alice/other")
+    assert "HF_HUB_OFFLINE=1" in caught.value.hint
+    assert get(hub_server, "alice/h2z") == folder
+
+
+def test_a_hub_that_does_not_answer_in_time(hub_server: HubServer) -> None:
+    hub_server.fail("GET", r"^/api/models/alice/h2z$", 500, delay=1.0)
+    with pytest.raises(hub.HubError, match=r"did not answer in time for alice/h2z") as caught:
+        get(hub_server, "alice/h2z", timeout=0.2)
+    assert "HF_HUB_OFFLINE=1" in caught.value.hint
+
+
+def test_only_capacitor_files_are_fetched_from_a_busy_repo(hub_server: HubServer) -> None:
+    extra = {
+        "README.md": b"---\nlibrary_name: efm-cli\n---\n# h2z\n",
+        "sample.png": b"\x89PNG not really",
+        "pytorch_model.bin": b"pickle would go here",
+        "notes.txt": b"hello",
+        "images/a.png": b"...",
+        "../escape.json": b"{}",
+    }
+    hub_server.add("alice/h2z", {**capacitor_files(), **extra})
+    folder = get(hub_server, "alice/h2z")
+    assert names(folder) == CAPACITOR_FILES | {"README.md", "sample.png"}
+    fetched = {r.path.split("/resolve/", 1)[1].split("/", 1)[1] for r in hub_server.file_requests()}
+    assert fetched == CAPACITOR_FILES | {"README.md", "sample.png"}
+
+
+def test_repos_that_are_no_safetensors_capacitor_are_refused(hub_server: HubServer) -> None:
+    config = capacitor_files()["config.json"]
+    hub_server.add("alice/pickled", {"config.json": config, "pytorch_model.bin": b"x", "model.ckpt": b"y"})
+    with pytest.raises(hub.HubError, match=r"only pickle weights \(model\.ckpt, pytorch_model\.bin\)"):
+        get(hub_server, "alice/pickled")
+    hub_server.add("alice/llm", {"config.json": b'{"model_type": "bert"}', "model.safetensors": b"zz"})
+    with pytest.raises(hub.HubError, match="alice/llm is not an efm capacitor"):
+        get(hub_server, "alice/llm")
+    hub_server.add("alice/empty", {"README.md": b"hi"})
+    with pytest.raises(hub.HubError, match=r"has no config\.json"):
+        get(hub_server, "alice/empty")
+    fetched = [r.path for r in hub_server.file_requests()]
+    assert fetched and all(path.endswith("/config.json") and "alice/llm" in path for path in fetched)
+
+
+def test_a_broken_download_does_not_poison_the_cache(hub_server: HubServer) -> None:
+    good = capacitor_files()
+    sha = hub_server.add("alice/h2z", {**good, "model.safetensors": good["model.safetensors"][:-100]})
+    with pytest.raises(hub.HubError, match=r"not a usable capacitor: model\.safetensors is not a valid safetensors"):
+        get(hub_server, "alice/h2z")
+    hub_server.repos["alice/h2z"].commits[sha]["model.safetensors"] = good["model.safetensors"]
+    folder = get(hub_server, "alice/h2z")
+    assert (folder / "model.safetensors").read_bytes() == good["model.safetensors"]
+
+
+def make_run(tmp_path: Path, seed: int = 0) -> Path:
+    """A training run folder as `efm train` leaves it: model/ plus a sample grid."""
+    run = tmp_path / f"run{seed}"
+    (run / "model").mkdir(parents=True)
+    for name, data in capacitor_files(seed).items():
+        (run / "model" / name).write_bytes(data)
+    (run / "sample.png").write_bytes(b"\x89PNG sample grid")
+    return run
+
+
+def test_push_then_download_round_trip(hub_server: HubServer, tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    result = hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+    assert result.files == ("config.json", "model.safetensors", "README.md", "sample.png")
+    assert result.url == f"{hub_server.url}/bob/h2z/commit/{result.commit}"
+    folder = get(hub_server, "bob/h2z")
+    assert names(folder) == CAPACITOR_FILES | {"README.md", "sample.png"}
+    for name in CAPACITOR_FILES:
+        assert (folder / name).read_bytes() == (run / "model" / name).read_bytes()
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: efm-cli\npipeline_tag: image-to-image\ntags:\n")
+    assert '\ndatasets:\n- "local/horses"\nmetrics:\n- "fid"\n---\n' in card
+    assert "](sample.png)" in card and "efm translate" in card and 'Capacitor.from_pretrained("bob/h2z")' in card
+    assert TOKEN not in card
+
+    branch = hub.push(make_run(tmp_path, 1), "bob/h2z", revision="exp", token=TOKEN, endpoint=hub_server.url)
+    assert branch.revision == "exp"
+    assert (get(hub_server, "bob/h2z@exp") / "model.safetensors").read_bytes() == capacitor_files(1)[
+        "model.safetensors"
+    ]
+    assert get(hub_server, "bob/h2z").name == result.commit
+
+
+def test_push_needs_a_token(hub_server: HubServer, tmp_path: Path) -> None:
+    with pytest.raises(hub.HubError, match=r"access to bob/h2z refused by .* \(HTTP 401\)") as caught:
+        hub.push(make_run(tmp_path), "bob/h2z", endpoint=hub_server.url)
+    assert "HF_TOKEN" in caught.value.hint
+    with pytest.raises(hub.HubError, match="holds no capacitor to push"):
+        hub.push(tmp_path, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+
+
+def test_private_repo_needs_a_token(hub_server: HubServer) -> None:
+    hub_server.add("carol/secret", capacitor_files(), private=True)
+    with pytest.raises(hub.HubError, match="repo carol/secret not found") as caught:
+        get(hub_server, "carol/secret")
+    assert "set HF_TOKEN" in caught.value.hint
+    with pytest.raises(hub.HubError, match="repo carol/secret not found") as caught:
+        get(hub_server, "carol/secret", token="hf_wrong")
+    assert "has no access" in caught.value.hint
+    assert names(get(hub_server, "carol/secret", token=TOKEN)) == CAPACITOR_FILES
+    assert all(r.authorized for r in hub_server.file_requests())
+
+
+def test_registry_lists_and_resolves_cached_capacitors(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = hub_server.add("alice/h2z", capacitor_files(1))
+    hub_server.repos["alice/h2z"].refs["v1"] = first
+    hub_server.add("alice/h2z", capacitor_files(2))
+    hub_server.add("dan/summer2winter", capacitor_files(3, "summer", "winter"))
+    for ref in ("alice/h2z@v1", "alice/h2z", "dan/summer2winter"):
+        get(hub_server, ref)
+    monkeypatch.setattr(registry, "embedded", list)
+    cached = {entry.name: entry for entry in registry.known()}
+    assert set(cached) == {"alice/h2z", "alice/h2z@v1", "dan/summer2winter"}
+    assert {entry.origin for entry in cached.values()} == {"cache"}
+    assert registry.resolve("summer2winter") == cached["dan/summer2winter"].path
+    entry, direction = registry.for_domain("summer")
+    assert (entry.name, direction) == ("dan/summer2winter", "backward")
+    with pytest.raises(registry.UnknownReference, match="several capacitors translate to 'zebra'"):
+        registry.for_domain("zebra")
+    with pytest.raises(registry.UnknownReference, match="no capacitor called 'nothing'") as caught:
+        registry.resolve("nothing")
+    assert "dan/summer2winter (summer↔winter)" in caught.value.hint
+
+
+CLI_FROM_PRETRAINED = """
+import sys
+from efm_cli.capacitor import Capacitor
+capacitor = Capacitor.from_pretrained(sys.argv[1])
+print(capacitor.source, capacitor.target, sum(p.numel() for p in capacitor.network.parameters()))
+print(capacitor.push_to_hub("erin/copy", private=True))
+"""
+
+
+def test_python_api_from_pretrained_and_push_to_hub(hub_server: HubServer, tmp_path: Path, run_python) -> None:
+    hub_server.add("alice/h2z", capacitor_files())
+    result = run_python(CLI_FROM_PRETRAINED, "alice/h2z", env=subprocess_env(hub_server, tmp_path, HF_TOKEN=TOKEN))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("horse zebra ")
+    assert lines[1].startswith(f"{hub_server.url}/erin/copy/commit/")
+    copy = hub_server.repos["erin/copy"]
+    assert copy.private
+    pushed = copy.commits[copy.refs["main"]]
+    assert pushed["model.safetensors"] == capacitor_files()["model.safetensors"]
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_cli_download_models_and_offline(hub_server: HubServer, tmp_path: Path, run_efm) -> None:
+    hub_server.add("alice/h2z", capacitor_files())
+    env = subprocess_env(hub_server, tmp_path)
+    offline = run_efm("download", "alice/h2z", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1 and offline.stdout == ""
+    assert offline.stderr.startswith("error: alice/h2z is not in the cache, and offline mode forbids downloading it — ")
+    assert len(offline.stderr.splitlines()) == 1
+    assert hub_server.log == []
+
+    downloaded = run_efm("download", "alice/h2z", "--json", env=env)
+    assert downloaded.returncode == 0, downloaded.stderr
+    report = json.loads(downloaded.stdout)
+    assert report["files"] == sorted(CAPACITOR_FILES) and report["domains"] == ["horse", "zebra"]
+    count = len(hub_server.log)
+    plain = run_efm("download", "alice/h2z", "--offline", env=env)
+    assert plain.returncode == 0 and plain.stdout == report["path"] + "\n"
+    assert len(hub_server.log) == count
+
+    table = run_efm("models", report["path"], env={**env, "COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if "horse ↔ zebra" in line]
+    assert len(rows) == 2 and "│ alice/h2z " in rows[0] and f"│ {report['path'][:40]}" in rows[1]
+    for text in ("│ 16×16 ", "│ tube ", " MB / 0.16 M params │", "│ cache "):
+        assert text in rows[0]
+    assert "│ path " in rows[1]
+
+
+def test_cli_push_and_token_never_printed(hub_server: HubServer, tmp_path: Path, run_efm) -> None:
+    run = make_run(tmp_path)
+    env = subprocess_env(hub_server, tmp_path, HF_TOKEN=TOKEN)
+    bad = run_efm("push", str(run), "--repo", "not-a-repo", env=env)
+    assert bad.returncode == 2 and "not USER/NAME" in bad.stderr
+    pushed = run_efm("push", str(run), "--repo", "bob/h2z", "--private", "--revision", "dev", "--json", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    report = json.loads(pushed.stdout)
+    assert report["revision"] == "dev" and report["files"][-1] == "sample.png"
+    assert hub_server.repos["bob/h2z"].private
+    wrong = "hf_WrongTokenAlsoNeverPrinted"
+    denied = run_efm("download", "bob/h2z@dev", env={**env, "HF_TOKEN": wrong, "EFM_DEBUG": "1"})
+    assert denied.returncode == 1 and "Traceback" in denied.stderr
+    assert denied.stderr.splitlines()[-1].startswith("error: repo bob/h2z not found")
+    assert "your token (HF_TOKEN) has no access" in denied.stderr
+    for output in (pushed, denied):
+        assert TOKEN not in output.stdout + output.stderr and wrong not in output.stdout + output.stderr
+    pushed_files = hub_server.repos["bob/h2z"].commits[report["commit"]]
+    assert all(TOKEN.encode() not in data for data in pushed_files.values())
+
+
+def test_translate_with_a_hub_capacitor_at_a_revision(hub_server: HubServer, tmp_path: Path, run_efm) -> None:
+    from PIL import Image
+
+    first = hub_server.add("alice/h2z", capacitor_files(1))
+    hub_server.repos["alice/h2z"].refs["v1"] = first
+    hub_server.add("alice/h2z", capacitor_files(2))
+    (tmp_path / "horses").mkdir()
+    pixels = torch.randint(0, 256, (20, 24, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "horses" / "a.png")
+    out = tmp_path / "zebras"
+    args = ("translate", str(tmp_path / "horses"), "--model", "alice/h2z@v1", "--out", str(out))
+    result = run_efm(*args, "--solver", "euler", "--steps", "2", env=subprocess_env(hub_server, tmp_path))
+    assert result.returncode == 0, result.stderr
+    with Image.open(out / "a.png") as translated:
+        assert translated.size == (24, 20)
+    assert [r.status for r in hub_server.requests("/api/models/alice/h2z/revision/v1")] == [200, 200]
+    downloaded = {r.path.split("/")[-2] for r in hub_server.requests("/model.safetensors", "GET")}
+    assert downloaded == {first}
