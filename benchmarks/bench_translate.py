@@ -40,9 +40,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.devices import choose as choose_device
 from efm_cli.images import to_tensor
 from efm_cli.network import preset
-from efm_cli.translate import Job, choose_device, compose, plan, translate_files
+from efm_cli.translate import Job, compose, plan, translate_files
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "horse2zebra" / "testA"
 TARGETS = {"overhead_fraction": 0.15}

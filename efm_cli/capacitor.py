@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from efm_cli.errors import HintedError
 from efm_cli.files import atomic_path
 from efm_cli.integrator import SOLVERS, Solution, integrate
 from efm_cli.network import build
@@ -33,7 +34,7 @@ SAMPLER_OPTIONS = {"solver": str, "rtol": float, "atol": float, "steps": int, "m
 """What config.json may set about sampling, with its type: nothing else reaches the integrator."""
 
 
-class CapacitorError(Exception):
+class CapacitorError(HintedError):
     """A capacitor folder or config that cannot be used; the message says what is wrong with it."""
 
 

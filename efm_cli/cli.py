@@ -24,6 +24,7 @@ from efm_cli.commands.options import JsonOption, QuietOption
 from efm_cli.commands.train import train_command
 from efm_cli.commands.translate import translate_command
 from efm_cli.console import EfmError, ExitCode
+from efm_cli.errors import HintedError
 
 app = typer.Typer(
     name="efm",
@@ -140,6 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         console.print_error(exc.message, exc.hint)
         return exc.exit_code
+    except HintedError as exc:
+        # A library error that no command translated: still one line with its hint, never a traceback.
+        if _debug():
+            traceback.print_exc()
+        console.print_error(str(exc), exc.hint)
+        return ExitCode.FAILED
     except (KeyboardInterrupt, click.Abort):
         console.print_error("interrupted")
         return ExitCode.INTERRUPTED

@@ -80,15 +80,16 @@ def print_json(obj: Any) -> None:
 
 
 def info(message: str) -> None:
-    """Tell the user something on stderr, unless quiet. Markup is off: file names may contain brackets."""
+    """Tell the user something on stderr, unless quiet. Markup is off (file names may contain brackets) and long
+    lines are not wrapped at the console width (a path cut in two breaks logs and grep)."""
     if not _quiet:
-        err_console().print(message, markup=False)
+        err_console().print(message, markup=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     """Report a problem that did not stop the command, as `warning: MESSAGE` on stderr, unless quiet."""
     if not _quiet:
-        err_console().print(f"warning: {message}", markup=False)
+        err_console().print(f"warning: {message}", markup=False, soft_wrap=True)
 
 
 def _one_line(text: str) -> str:

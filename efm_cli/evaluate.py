@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efm_cli import classifier as clf
+from efm_cli import devices
+from efm_cli.errors import HintedError
 from efm_cli.images import ImageError, find_images, load, to_tensor
 
 TRUST_MARGIN = 0.10
@@ -45,12 +47,8 @@ Judge = Callable[[Tensor], Tensor]
 """Images [b, 3, H, W] in [−1, 1] → bool [b], True where judged "target"."""
 
 
-class EvalError(Exception):
+class EvalError(HintedError):
     """Inputs `efm eval` cannot report on; `hint` says what to do."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 # Tricks: what a lazy translation could do to look like the target without changing the content.
@@ -355,16 +353,6 @@ def plan(
     return Plan(test_source, test_target, fit_source, fit_target, split)
 
 
-def pick_device(name: str) -> torch.device:
-    """ "auto" is the first CUDA device when there is one, else the CPU; anything else must be usable here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"device {name!r} is not available: torch sees no CUDA device", "use --device cpu")
-    return device
-
-
 def _rate(verdicts: Tensor) -> float:
     return float(verdicts.float().mean()) if len(verdicts) else math.nan
 
@@ -404,7 +392,7 @@ def report(
     from efm_cli.capacitor import Capacitor
     from efm_cli.env import efm_cache_dir
 
-    where = pick_device(device)
+    where = devices.choose(device)
     network = inception_network(where) if features == "inception" else None  # fail before any training
     folder = registry.resolve(model)
     capacitor = Capacitor.from_pretrained(folder, device=where)

@@ -194,7 +194,8 @@ def find_images(root: Path) -> list[Path]:
     """Image files under `root`, recursively, in a stable order (sorted by relative POSIX path).
 
     Hidden files and folders are skipped (editor and OS litter, our own temporary files). Symlinked folders are
-    not entered, so a link back up the tree can neither loop nor list a file twice; symlinked files are kept.
+    not entered, so a link back up the tree can neither loop nor list a file twice; symlinked files are kept, even
+    dangling or looping ones, so that `load` reports them as unreadable instead of their vanishing without a word.
     """
     root = Path(root)
     found: list[Path] = []
@@ -202,6 +203,6 @@ def find_images(root: Path) -> list[Path]:
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         for name in files:
             candidate = Path(folder, name)
-            if not name.startswith(".") and candidate.suffix.lower() in IMAGE_SUFFIXES and candidate.is_file():
+            if not name.startswith(".") and candidate.suffix.lower() in IMAGE_SUFFIXES and (candidate.is_symlink() or candidate.is_file()):
                 found.append(candidate)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())

@@ -32,10 +32,6 @@ HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w
 class UnknownReference(CapacitorError):
     """A reference or domain that resolves to no capacitor, or to several; `hint` says what is available."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
-
 
 @dataclass(frozen=True)
 class Entry:

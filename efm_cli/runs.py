@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from efm_cli import __version__, checkpoint, console
+from efm_cli import __version__, checkpoint, console, devices
 from efm_cli.capacitor import Capacitor, new_config
 from efm_cli.datasets import NOISE, BatchStream, DataError, ImageFolder, Preprocessing, batches
+from efm_cli.errors import HintedError
 from efm_cli.files import atomic_path
 from efm_cli.images import save_atomic
 from efm_cli.integrator import integrate
@@ -44,12 +45,8 @@ RUN_FORMAT = "efm-run"
 SAMPLE_NAME = "sample.png"
 
 
-class RunError(Exception):
+class RunError(HintedError):
     """A run folder or settings that cannot be used; the message says why and `hint` what to do."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -127,20 +124,6 @@ class Progress:
     skipped: int
     steps_per_s: float
     elapsed_s: float
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto`: CUDA, then MPS, then CPU; an explicit device that is missing is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(name.split(":")[0], False):
-        raise RunError(f"device {name!r} is not available here", "use --device auto or cpu; see 'efm env'")
-    return torch.device(name)
 
 
 def write_settings(run: Path, settings: RunSettings) -> None:
@@ -334,7 +317,7 @@ def fit(
     """Train (or continue) the run in `run` until the budget is spent; export its capacitor to RUN/model."""
     # Adam's second moments and late gradients reach subnormal floats, which x86 CPUs process many times slower.
     torch.set_flush_denormal(True)
-    dist = _Distributed(pick_device(device))
+    dist = _Distributed(devices.choose(device))
     try:
         return _fit(settings, run, dist, budget, resume, workers, on_progress)
     finally:

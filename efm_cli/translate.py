@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from efm_cli.capacitor import Capacitor, Direction
+from efm_cli.errors import HintedError
 from efm_cli.images import IMAGE_SUFFIXES, ImageError, Loaded, find_images, load, save_atomic, to_tensor
 from efm_cli.integrator import Status
 
@@ -48,12 +49,8 @@ SHEET_TILE = 128
 """Side, in pixels, of one thumbnail in the --grid contact sheet."""
 
 
-class TranslateError(Exception):
-    """A run that cannot go ahead (nothing to translate, no such device); `hint` says what to do."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
+class TranslateError(HintedError):
+    """A run that cannot go ahead (nothing to translate); `hint` says what to do."""
 
 
 class PlanError(TranslateError):
@@ -110,8 +107,13 @@ def _parse_input(text: str) -> _Input:
     return _Input(text, "glob", root, _named(root).name)
 
 
+def _real(path: Path) -> Path:
+    """The path with every link followed; unlike `Path.resolve`, a looping link does not raise (`load` reports it)."""
+    return Path(os.path.realpath(path))
+
+
 def _is_inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
+    return _real(path).is_relative_to(_real(folder))
 
 
 def _files(item: _Input, out: Path) -> list[Path]:
@@ -166,7 +168,7 @@ def plan(inputs: Sequence[str], *, domain: str, out: str | os.PathLike[str] | No
             relative = Path(source.name) if item.kind == "file" else source.relative_to(item.root)
             job = Job(source, base / relative)
             other = jobs.setdefault(job.output, job)
-            if other.source.resolve() != source.resolve():
+            if _real(other.source) != _real(source):
                 raise PlanError(
                     f"{other.source} and {source} would both be written to {job.output}",
                     "translate them in separate runs, or pass their common folder",
@@ -188,11 +190,11 @@ def _check_distinct_names(items: list[_Input]) -> None:
 def _check_no_overwrite(jobs: Iterable[Job], items: list[_Input], out: Path) -> None:
     """Inputs are never modified: no output may land on an input file, and OUT may not be an input folder."""
     for item in items:
-        if item.kind == "folder" and out.resolve() == item.root.resolve():
+        if item.kind == "folder" and _real(out) == _real(item.root):
             raise PlanError(f"the output folder {out} is the input folder", "pass a different --out")
-    sources = {job.source.resolve() for job in jobs}
+    sources = {_real(job.source) for job in jobs}
     for job in jobs:
-        if job.output.resolve() in sources:
+        if _real(job.output) in sources:
             raise PlanError(f"writing {job.output} would overwrite an input", "pass a different --out")
 
 
@@ -201,7 +203,7 @@ def check_sheet(path: str | os.PathLike[str], jobs: Sequence[Job]) -> Path:
     path = Path(path).expanduser()
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise PlanError(f"{path.name}: unknown image format", f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
-    if path.resolve() in {job.source.resolve() for job in jobs}:
+    if _real(path) in {_real(job.source) for job in jobs}:
         raise PlanError(f"writing {path} would overwrite an input", "pick another file name")
     return path
 
@@ -211,21 +213,6 @@ def shard(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
     if not 1 <= index <= count:
         raise PlanError(f"shard {index}/{count} does not exist", "use I/N with 1 ≤ I ≤ N")
     return list(jobs[index - 1 :: count])
-
-
-# --- devices ---------------------------------------------------------------------------------------------------
-
-
-def choose_device(name: str = "auto") -> torch.device:
-    """`auto` is CUDA, then MPS, then the CPU; asking for an absent accelerator is an error, not a fallback."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise PlanError(f"unknown device {name!r}", "use auto, cpu, cuda or mps")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise TranslateError(f"{name} is not available on this machine", "use --device auto or --device cpu")
-    return torch.device(name)
 
 
 def open_capacitor(

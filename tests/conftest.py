@@ -3,9 +3,10 @@
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
+import torch
 
 # Variables that change what efm prints; tests opt into them explicitly.
 _OUTPUT_VARIABLES = (
@@ -57,3 +58,13 @@ def hub_server():
     server = HubServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread in this process: tiny networks on shared cores run far faster without OpenMP
+    threads waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

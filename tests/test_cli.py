@@ -256,3 +256,12 @@ def test_quiet_silences_messages_not_errors(monkeypatch, capsys) -> None:
         "warning: skipped b.png",
         "error: still shown",
     ]
+
+
+def test_long_messages_stay_on_one_line_in_logs(monkeypatch, capsys) -> None:
+    """A skipped file's path must survive `grep` in a log: messages are never wrapped at the console width."""
+    monkeypatch.setattr(console, "_quiet", False)
+    path = "/data/" + "very-long-folder-name/" * 10 + "image with spaces.png"
+    console.warn(f"skipped {path}: truncated or corrupt")
+    console.info(f"wrote {path}")
+    assert capsys.readouterr().err.splitlines() == [f"warning: skipped {path}: truncated or corrupt", f"wrote {path}"]

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +27,7 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist" / "mnist.npz"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the test machine's cores are shared; two threads contend badly
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """In-process torch on one thread too: on shared cores, a second thread mostly waits for the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def solid(rgb: Sequence[float], size: int = 8) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 import hashlib
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from efm_cli import devices
 from efm_cli import translate as tr
 from efm_cli.capacitor import Capacitor, new_config
 from efm_cli.images import load, to_tensor
@@ -28,13 +28,7 @@ GOOD = {
 BAD = {"a/empty.jpg": "empty file", "a/b/cut.jpg": "truncated or corrupt", "notes.png": "not an image"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny networks on a shared machine run far faster without OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_capacitor(source: str = "horse", target: str = "zebra", channels: int = 3) -> Capacitor:
@@ -310,12 +304,18 @@ def test_trace_runs_from_the_input_to_the_translation_and_the_pictures_have_thei
 
 
 def test_devices() -> None:
-    assert tr.choose_device("cpu").type == "cpu"
+    assert devices.choose("cpu").type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert tr.choose_device("auto").type == expected
+    assert devices.choose("auto").type == expected
     if not torch.cuda.is_available():
-        with pytest.raises(tr.TranslateError, match="cuda is not available"):
-            tr.choose_device("cuda")
+        with pytest.raises(devices.DeviceError, match="cuda is not available"):
+            devices.choose("cuda")
+        with pytest.raises(devices.DeviceError, match="cuda:1 is not available"):
+            devices.choose("cuda:1")
+    with pytest.raises(devices.DeviceError, match="unknown device 'tpu'"):
+        devices.choose("tpu")
+    with pytest.raises(devices.DeviceError, match="unknown device 'cpu:0'"):
+        devices.choose("cpu:0")
 
 
 def test_open_capacitor_by_domain_picks_the_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,9 @@
 """`efm translate` as a user runs it: Typer's runner in-process, and the real entry point in a subprocess."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from test_translate import BAD, GOOD, digests, make_capacitor, make_tree, stamps
 from typer.testing import CliRunner
@@ -16,13 +14,7 @@ FAST = {"OMP_NUM_THREADS": "1"}
 """Tiny networks on a shared machine: one OpenMP thread is much faster than two fighting for a core."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread in-process too (see FAST)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import click
 import typer
 
 from efm_cli import console
-from efm_cli.commands.options import JsonOption, QuietOption
+from efm_cli.commands.options import JsonOption, Precision, QuietOption
 from efm_cli.console import EfmError, ExitCode
 
 if TYPE_CHECKING:
@@ -50,12 +50,6 @@ class NetworkChoice(StrEnum):
     tiny = "tiny"
     small = "small"
     base = "base"
-
-
-class PrecisionChoice(StrEnum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 class DecayChoice(StrEnum):
@@ -144,8 +138,8 @@ def train_command(
     ] = DecayChoice.cosine,
     ema: Annotated[float, typer.Option(min=0.0, max=1.0, help="EMA decay.", rich_help_panel=_OPT)] = 0.9999,
     precision: Annotated[
-        PrecisionChoice, typer.Option(help="Autocast precision on GPU (CPU trains in fp32).", rich_help_panel=_OPT)
-    ] = PrecisionChoice.fp32,
+        Precision, typer.Option(help="Autocast precision on GPU (CPU trains in fp32).", rich_help_panel=_OPT)
+    ] = Precision.fp32,
     seed: Annotated[int, typer.Option(min=0, help="Seed of everything random.", rich_help_panel=_OPT)] = 0,
     steps: Annotated[
         int | None, typer.Option(min=1, help=f"Total steps (default {DEFAULT_STEPS}).", rich_help_panel=_RUN)

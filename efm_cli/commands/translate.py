@@ -18,7 +18,7 @@ import click
 import typer
 
 from efm_cli import console
-from efm_cli.commands.options import JsonOption, QuietOption
+from efm_cli.commands.options import JsonOption, Precision, QuietOption
 from efm_cli.console import EfmError, ExitCode
 
 if TYPE_CHECKING:
@@ -34,12 +34,6 @@ class Device(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
     mps = "mps"
-
-
-class Precision(StrEnum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 class Solver(StrEnum):
@@ -233,7 +227,9 @@ def _hint(error: Exception) -> str:
 
 def _run(pipeline: Any, request: _Request) -> int:
     """Load, plan, translate, write the pictures, print; return the exit code."""
-    device = pipeline.choose_device(request.device)
+    from efm_cli import devices
+
+    device = devices.choose(request.device)
     capacitor, direction, name = pipeline.open_capacitor(model=request.model, to=request.to, device=device)
     destination = capacitor.target if direction == "forward" else capacitor.source
     plan = pipeline.plan(request.inputs, domain=destination, out=request.out)
