@@ -49,7 +49,11 @@ def embedded_weights_dir() -> Path:
     configured = os.environ.get("EFM_WEIGHTS_DIR")
     if configured:
         return Path(configured).expanduser()
-    return Path(efm_cli.__file__).resolve().parent.parent / "weights"
+    # A wheel installs weights/ as efm_cli/weights (pyproject maps it); a checkout, editable or not, has it beside
+    # the package.
+    package = Path(efm_cli.__file__).resolve().parent
+    installed = package / "weights"
+    return installed if installed.is_dir() else package.parent / "weights"
 
 
 def _distribution_version(name: str) -> str | None:
