@@ -247,7 +247,13 @@ def test_cli_trains_a_cyclegan_folder_and_refuses_to_overwrite(run_efm: Run, tmp
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["step"] == 3 and summary["stopped"] == "steps" and summary["model"] == str(run / "model")
-    assert Capacitor.from_pretrained(run / "model").target == "disc"
+    assert {"config.json", "checkpoints", "samples", "metrics.jsonl", "loss.png", "model"} <= {
+        p.name for p in run.iterdir()
+    }
+    capacitor = Capacitor.from_pretrained(run / "model")
+    assert (capacitor.source, capacitor.target) == ("square", "disc")
+    result = capacitor.translate(torch.rand(2, 3, SIZE, SIZE) * 2 - 1, to="square", solver="euler", steps=4)
+    assert result.direction == "backward" and result.solution.landed.all()
     again = run_efm("train", "--source", str(root), *TINY, "--steps", "3", "--out", str(run))
     assert again.returncode == 1
     assert (
