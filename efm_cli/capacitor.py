@@ -30,6 +30,9 @@ WEIGHTS_NAME = "model.safetensors"
 
 Direction = Literal["forward", "backward"]
 
+MAX_CONFIG_BYTES = 1 << 20
+"""No real config comes near 1 MiB."""
+
 SAMPLER_OPTIONS = {"solver": str, "rtol": float, "atol": float, "steps": int, "max_nfe": int}
 """What config.json may set about sampling, with its type: nothing else reaches the integrator."""
 
@@ -86,6 +89,20 @@ def validate(config: Any) -> dict[str, Any]:
     if network.get("kind") != "unet" or network.get("size") != size or network.get("channels") != channels:
         raise CapacitorError("config.json: 'network' must be a UNet for the capacitor's image size and channels")
     return config
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a config.json, refused (ValueError) unless it is a regular file of at most `MAX_CONFIG_BYTES`.
+
+    A folder from elsewhere may link config.json to /dev/zero or a FIFO: reading those would never end.
+    """
+    if path.exists() and not path.is_file():
+        raise ValueError("config.json is not a regular file")
+    with path.open("rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    return data.decode("utf-8")
 
 
 def _sampler_option_ok(key: str, value: Any) -> bool:
@@ -155,10 +172,10 @@ class Capacitor:
         if not folder.is_dir():
             raise CapacitorError(f"{folder} is not a capacitor folder")
         try:
-            config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            config = json.loads(read_config_text(folder / CONFIG_NAME))
         except FileNotFoundError as error:
             raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except ValueError as error:
             raise CapacitorError(f"{folder / CONFIG_NAME} is not valid JSON ({error})") from error
         capacitor = cls(config)
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,3 +40,23 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def remove_stale_temporaries(paths: Iterable[Path]) -> None:
+    """Delete what `atomic_path` left beside `paths` when a process was killed between writing and renaming.
+
+    Only the temporaries of the given paths are touched, so a process writing other files in the same folders (another
+    shard) is never disturbed; each folder is listed once, however many paths it holds.
+    """
+    names: dict[Path, set[str]] = {}
+    for path in paths:
+        names.setdefault(path.parent, set()).add(path.name)
+    for folder, wanted in names.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            # mkstemp's random part has no dot: ".NAME.RANDOM.tmp" names NAME.
+            if entry.startswith(".") and entry.endswith(".tmp") and entry[1:-4].rpartition(".")[0] in wanted:
+                (folder / entry).unlink(missing_ok=True)

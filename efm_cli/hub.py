@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from efm_cli import __version__
-from efm_cli.capacitor import CONFIG_NAME, WEIGHTS_NAME, CapacitorError, validate
+from efm_cli.capacitor import CONFIG_NAME, WEIGHTS_NAME, CapacitorError, read_config_text, validate
 from efm_cli.registry import UnknownReference, parse_hub_ref
 
 SAMPLE_NAME = "sample.png"
@@ -200,7 +200,7 @@ def _check_listing(repo_id: str, revision: str | None, names: list[str]) -> None
 
 def _check_config(path: Path, repo_id: str, revision: str | None) -> None:
     try:
-        validate(json.loads(path.read_text(encoding="utf-8")))
+        validate(json.loads(read_config_text(path)))
     except (OSError, ValueError, CapacitorError) as error:
         raise HubError(
             f"{_where(repo_id, revision)} is not an efm capacitor: {error}",
@@ -211,7 +211,7 @@ def _check_config(path: Path, repo_id: str, revision: str | None) -> None:
 def check_folder(folder: Path) -> dict[str, Any]:
     """Validate a capacitor folder without torch: its config, and the safetensors header of its weights."""
     try:
-        config = validate(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")))
+        config = validate(json.loads(read_config_text(folder / CONFIG_NAME)))
     except FileNotFoundError as error:
         raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
     except (OSError, ValueError) as error:
@@ -220,9 +220,24 @@ def check_folder(folder: Path) -> dict[str, Any]:
     return config
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+"""Bytes per element of the safetensors dtypes a capacitor may hold."""
+
+
+def _offsets(entry: dict[str, Any]) -> tuple[int, int]:
+    begin, stop = entry["data_offsets"]
+    return int(begin), int(stop)
+
+
 def parameters(path: Path) -> int:
-    """How many weights a safetensors file holds, from its header; a truncated or malformed file fails (no torch)."""
+    """How many weights a safetensors file holds, from its header (no torch).
+
+    A truncated file, or one whose tensors' bytes do not tile its data exactly as their shapes and dtypes say,
+    fails: the header is checked against the bytes before anything trusts it.
+    """
     try:
+        if path.exists() and not path.is_file():
+            raise ValueError("not a regular file")  # a FIFO or a device would block or never end
         size = path.stat().st_size
         with path.open("rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
@@ -231,8 +246,14 @@ def parameters(path: Path) -> int:
             header = json.loads(handle.read(length))
         if not isinstance(header, dict):
             raise ValueError("header is not an object")
-        tensors = [entry for key, entry in header.items() if key != "__metadata__"]
-        if not tensors or max(entry["data_offsets"][1] for entry in tensors) != size - 8 - length:
+        tensors = sorted((entry for key, entry in header.items() if key != "__metadata__"), key=_offsets)
+        end = 0
+        for entry in tensors:
+            begin, stop = _offsets(entry)
+            if begin != end or stop - begin != math.prod(entry["shape"]) * _DTYPE_BYTES[entry["dtype"]]:
+                raise ValueError("tensor bytes do not match the shapes and dtypes of the header")
+            end = stop
+        if not tensors or end != size - 8 - length:
             raise ValueError("tensor data does not fill the file")
         return sum(math.prod(entry["shape"]) for entry in tensors)
     except FileNotFoundError as error:
@@ -395,7 +416,7 @@ def push(
     endpoint = endpoint or _constants().ENDPOINT
     source, target = config["domains"]["source"], config["domains"]["target"]
     card = model / CARD_NAME
-    if card.is_file():
+    if card.is_file() and not card.is_symlink():  # a link could point at any file of the machine: never upload it
         readme = card.read_bytes()
     else:
         readme = render(config, repo_id, sample=SAMPLE_NAME if sample else None).encode()

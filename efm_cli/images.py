@@ -194,8 +194,9 @@ def find_images(root: Path) -> list[Path]:
     """Image files under `root`, recursively, in a stable order (sorted by relative POSIX path).
 
     Hidden files and folders are skipped (editor and OS litter, our own temporary files). Symlinked folders are
-    not entered, so a link back up the tree can neither loop nor list a file twice; symlinked files are kept, even
-    dangling or looping ones, so that `load` reports them as unreadable instead of their vanishing without a word.
+    not entered, so a link back up the tree can neither loop nor list a file twice. Symlinked files are kept, and
+    so are dangling or looping links, which `load` then reports as unreadable instead of their vanishing without a
+    word; FIFOs and devices are left out, since reading one could block forever.
     """
     root = Path(root)
     found: list[Path] = []
@@ -203,6 +204,8 @@ def find_images(root: Path) -> list[Path]:
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         for name in files:
             candidate = Path(folder, name)
-            if not name.startswith(".") and candidate.suffix.lower() in IMAGE_SUFFIXES and (candidate.is_symlink() or candidate.is_file()):
+            if name.startswith(".") or candidate.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if candidate.is_file() or (candidate.is_symlink() and not candidate.exists()):
                 found.append(candidate)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())

@@ -221,12 +221,21 @@ class MLPField(nn.Module):
         return out[:, 0], out[:, 1:]
 
 
+MAX_PARAMETERS = 2_000_000_000
+"""Largest network a config may ask for (`base` has 36 M): an untrusted config must not exhaust memory."""
+
+
 def build(config: dict[str, Any]) -> nn.Module:
-    """The network a config dict (as stored in config.json) describes."""
+    """The network a config dict (as stored in config.json) describes; sized on the meta device before allocation."""
     kind, rest = config.get("kind"), {k: v for k, v in config.items() if k != "kind"}
     if kind == "unet":
         rest = {k: tuple(v) if k in ("mult", "attention") else v for k, v in rest.items()}
-        return UNetField(UNetConfig(**rest))
+        unet = UNetConfig(**rest)
+        with torch.device("meta"):
+            count = sum(p.numel() for p in UNetField(unet).parameters())
+        if count > MAX_PARAMETERS:
+            raise ValueError(f"the network would have {count:.3g} parameters, more than {MAX_PARAMETERS:.3g}")
+        return UNetField(unet)
     if kind == "mlp":
         return MLPField(MLPConfig(**rest))
     raise ValueError(f"unknown network kind {kind!r}; expected 'unet' or 'mlp'")

@@ -382,11 +382,20 @@ def _fit(
     def save_everything() -> None:
         if not dist.main:
             return
+        from safetensors import SafetensorError
+
         elapsed = elapsed_before + time.monotonic() - session_start
         tensors, meta = trainer.state()
-        checkpoint.save(checkpoints, trainer.step, tensors, {**meta, "elapsed_s": elapsed})
-        metrics.plot(run / "loss.png")
-        _export(settings, trainer, sampler_net, counts, elapsed, run)
+        try:
+            checkpoint.save(checkpoints, trainer.step, tensors, {**meta, "elapsed_s": elapsed})
+            metrics.plot(run / "loss.png")
+            _export(settings, trainer, sampler_net, counts, elapsed, run)
+        except (OSError, SafetensorError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise RunError(
+                f"cannot save step {trainer.step} in {run} ({reason})",
+                f"free some disk space, then continue from the last checkpoint with: efm train --resume {run}",
+            ) from error
 
     window: list[tuple[float, float]] = []
     stopped = "steps"

@@ -13,6 +13,7 @@ inside OUT are never read as inputs, even when OUT lies inside an input folder.
 
 from __future__ import annotations
 
+import errno
 import glob
 import math
 import os
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from efm_cli.capacitor import Capacitor, Direction
 from efm_cli.errors import HintedError
+from efm_cli.files import remove_stale_temporaries
 from efm_cli.images import IMAGE_SUFFIXES, ImageError, Loaded, find_images, load, save_atomic, to_tensor
 from efm_cli.integrator import Status
 
@@ -47,6 +49,8 @@ DETAIL_EPS = (5 / 127.5) ** 2
 """Variance (a grey level std of 5 out of 255) below which the gain is pulled towards 1: flat areas keep detail."""
 SHEET_TILE = 128
 """Side, in pixels, of one thumbnail in the --grid contact sheet."""
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Write errors that no later file escapes: the run stops instead of failing every remaining input in turn."""
 
 
 class TranslateError(HintedError):
@@ -416,6 +420,11 @@ def _write(job: Job, decoded: _Decoded, out: Tensor, detail: bool, thumbnail: bo
     try:
         save_atomic(job.output, rgb, alpha=decoded.loaded.alpha, format=None if suffix_known else decoded.loaded.format)
     except (OSError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            raise TranslateError(
+                f"cannot write {job.output}: {error.strerror}",
+                "free some space where the outputs go, then rerun with --skip-existing to finish",
+            ) from error
         return Record(job.source, job.output, "failed", f"cannot write: {error}"), None
     pair = (_thumbnail(decoded.loaded.rgb), _thumbnail(rgb)) if thumbnail else None
     return Record(job.source, job.output, "translated"), pair
@@ -520,6 +529,7 @@ def translate_files(
     if next(capacitor.network.parameters()).device.type != "cpu":
         options = {"sync_every": 4, **options}  # compaction syncs with the host; on an accelerator, rarely
     run = _Run(capacitor, jobs, direction, precision, detail, options, progress, [None] * len(jobs))
+    remove_stale_temporaries(job.output for job in jobs)  # a killed run's half-written files
     todo = []
     for index, job in enumerate(jobs):
         if skip_existing and job.output.is_file():

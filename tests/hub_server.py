@@ -20,6 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+CUT = 0
+"""`Fault.status` of a response cut off in the middle of its body (see `HubServer.cut`)."""
+
 TOKEN = "hf_TestTokenNeverPrinted0123456789"
 """The one token the server accepts; tests check it never shows up in efm's output."""
 
@@ -120,6 +123,10 @@ class HubServer:
     def fail(self, method: str, pattern: str, status: int = 500, times: int = 1, delay: float = 0.0) -> None:
         self.faults.append(Fault(method, re.compile(pattern), status, times, delay))
 
+    def cut(self, pattern: str, times: int = 1) -> None:
+        """Answer the next `times` matching GETs with their full length announced but only half the body sent."""
+        self.fail("GET", pattern, status=CUT, times=times)
+
     def requests(self, kind: str = "", method: str | None = None) -> list[Request]:
         """Logged requests whose path contains `kind` (e.g. '/resolve/'), optionally of one method."""
         with self._lock:
@@ -167,8 +174,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         self.body = self.rfile.read(length) if length else b""
         fault = self.hub._fault(method, url.path)
+        self.cut = fault is not None and fault.status == CUT
         try:
-            if fault is not None:
+            if fault is not None and not self.cut:
                 time.sleep(fault.delay)
                 self._send(fault.status, {"error": "injected fault"})
             else:
@@ -200,7 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            self.wfile.write(data[: len(data) // 2] if self.cut else data)
+            self.close_connection = self.close_connection or self.cut
 
     def _error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         headers = {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})}

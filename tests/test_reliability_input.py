@@ -12,12 +12,10 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_train import shapes
 from test_translate import make_capacitor
@@ -28,13 +26,7 @@ FAST_SOLVER = ("--solver", "euler", "--steps", "2")
 TRAIN = ["--size", "16", "--network", "tiny", "--charges", "4", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny networks on a loaded 2-core machine: one OpenMP thread is far faster than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +194,7 @@ def test_a_folder_without_images_is_one_error_and_writes_nothing(
     assert not run.exists()
 
 
-def test_train_ignores_unreadable_files_with_their_reasons(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_train_ignores_unreadable_files_with_their_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = make_inputs(tmp_path / "odd")
     target = shapes(tmp_path / "discs", "disc", 4, 1)
     run = tmp_path / "run"

@@ -321,6 +321,18 @@ def _new_settings(
             raise EfmError(f"{folder} is not a folder", "pass folders of images (or 'noise' as the source)")
     if source == target or (NOISE not in (source, target) and Path(source).resolve() == Path(target).resolve()):
         raise EfmError("--source and --target are the same", "a capacitor needs two different domains", ExitCode.USAGE)
+    if NOISE not in (source, target):
+        # Folders are searched recursively: a plate inside the other would put its pictures on both plates.
+        for inner, outer, inner_flag, outer_flag in (
+            (target, source, "--target", "--source"),
+            (source, target, "--source", "--target"),
+        ):
+            if Path(inner).resolve().is_relative_to(Path(outer).resolve()):
+                raise EfmError(
+                    f"{inner_flag} {inner} is inside {outer_flag} {outer}",
+                    "pass two separate folders: the outer one is searched recursively",
+                    ExitCode.USAGE,
+                )
     if size % 8:
         raise EfmError(f"--size {size} is not a multiple of 8", "use 32, 64, 128 or 256", ExitCode.USAGE)
     if charges < points:
