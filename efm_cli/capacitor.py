@@ -36,6 +36,9 @@ MAX_CONFIG_BYTES = 1 << 20
 SAMPLER_OPTIONS = {"solver": str, "rtol": float, "atol": float, "steps": int, "max_nfe": int}
 """What config.json may set about sampling, with its type: nothing else reaches the integrator."""
 
+SAMPLER_RANGES = {"rtol": (1e-12, 1.0), "atol": (1e-12, 1.0), "steps": (1, 100_000), "max_nfe": (1, 1_000_000)}
+"""Bounds of the numeric sampler options: a downloaded config must not ask for a run that never ends."""
+
 
 class CapacitorError(HintedError):
     """A capacitor folder or config that cannot be used; the message says what is wrong with it."""
@@ -84,7 +87,10 @@ def validate(config: Any) -> dict[str, Any]:
         raise CapacitorError("config.json: 'image' needs a size that is a multiple of 8 (8–2048) and 1 or 3 channels")
     sampler = config.get("sampler", {})
     if not isinstance(sampler, dict) or not all(_sampler_option_ok(k, v) for k, v in sampler.items()):
-        raise CapacitorError(f"config.json: 'sampler' may only set {', '.join(SAMPLER_OPTIONS)}, got {sampler!r}")
+        allowed = ", ".join(f"{k} in [{low:g}, {high:g}]" for k, (low, high) in SAMPLER_RANGES.items())
+        raise CapacitorError(
+            f"config.json: 'sampler' may only set solver ({'|'.join(SOLVERS)}), {allowed}; got {sampler!r}"
+        )
     network = _section(config, "network")
     if network.get("kind") != "unet" or network.get("size") != size or network.get("channels") != channels:
         raise CapacitorError("config.json: 'network' must be a UNet for the capacitor's image size and channels")
@@ -111,7 +117,10 @@ def _sampler_option_ok(key: str, value: Any) -> bool:
         return False
     if key == "solver":
         return value in SOLVERS
-    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
+    if not (isinstance(value, int | float) if kind is float else isinstance(value, kind)):
+        return False
+    low, high = SAMPLER_RANGES[key]
+    return low <= value <= high
 
 
 class Capacitor:

@@ -94,6 +94,9 @@ def test_half_precision_weights_load(tmp_path: Path) -> None:
         (lambda c: c["sampler"].update(callback="os.system"), "'sampler' may only set"),
         (lambda c: c["sampler"].update(steps="many"), "'sampler' may only set"),
         (lambda c: c["sampler"].update(solver="rk4"), "'sampler' may only set"),
+        (lambda c: c["sampler"].update(max_nfe=10**12), "'sampler' may only set"),
+        (lambda c: c["sampler"].update(steps=0), "'sampler' may only set"),
+        (lambda c: c["sampler"].update(rtol=-1e-3), "'sampler' may only set"),
     ],
 )
 def test_malformed_configs_are_refused_before_anything_is_built(tmp_path: Path, edit, message: str) -> None:
