@@ -68,15 +68,7 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Optimisation settings (method.md §2.4); `total` enables the cosine decay to `final` × lr.
-
-    `z_weight` is how the loss weighs the field's height component f_z against the D image components. "uniform"
-    is the official plain mean over all 1 + D entries, where f_z counts 1/(1 + D): for images it is then barely
-    learned, yet every step of a field line moves x by f_x/f_z, so a small error in f_z scales the whole
-    translation (a 32×32 UNet after 500 steps predicted f_z ≈ 0.4 where the field has ≈ 12, and carried digits
-    far past the target plate's images). "balanced" gives f_z half of the loss and the image components the other
-    half.
-    """
+    """Optimiser settings (method.md §2.4); `total` enables the cosine decay to `final` × lr."""
 
     lr: float = 2e-4
     warmup: int = 1000
@@ -85,7 +77,6 @@ class Schedule:
     final: float = 0.1
     clip: float = 1.0
     ema: float = 0.9999
-    z_weight: Literal["balanced", "uniform"] = "balanced"
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
@@ -194,10 +185,7 @@ class Trainer:
         with self._autocast():
             f_z, f_x = self.model(z, x)
         predicted = torch.cat([f_z.float()[:, None], f_x.float().flatten(1)], dim=1)
-        errors = (predicted - wanted).square()
-        if self.schedule.z_weight == "uniform":
-            return errors.mean()
-        return 0.5 * errors[:, 0].mean() + 0.5 * errors[:, 1:].mean()
+        return (predicted - wanted).square().mean()
 
     def step_on(self, source: Tensor, target: Tensor) -> StepStats:
         """One optimiser step on full charge batches [B, ...] of both plates (already on the device)."""

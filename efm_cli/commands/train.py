@@ -52,11 +52,6 @@ class NetworkChoice(StrEnum):
     base = "base"
 
 
-class ZWeightChoice(StrEnum):
-    balanced = "balanced"
-    uniform = "uniform"
-
-
 class DecayChoice(StrEnum):
     constant = "constant"
     cosine = "cosine"
@@ -142,13 +137,6 @@ def train_command(
         DecayChoice, typer.Option(help="After warm-up: constant, or cosine down to 10%.", rich_help_panel=_OPT)
     ] = DecayChoice.cosine,
     ema: Annotated[float, typer.Option(min=0.0, max=1.0, help="EMA decay.", rich_help_panel=_OPT)] = 0.9999,
-    z_weight: Annotated[
-        ZWeightChoice,
-        typer.Option(
-            help="balanced: the height component f_z carries half the loss; uniform: 1/(1+D), as the official code.",
-            rich_help_panel=_OPT,
-        ),
-    ] = ZWeightChoice.balanced,
     precision: Annotated[
         Precision, typer.Option(help="Autocast precision on GPU (CPU trains in fp32).", rich_help_panel=_OPT)
     ] = Precision.fp32,
@@ -227,7 +215,6 @@ def train_command(
             warmup=warmup,
             decay=lr_decay.value,
             ema=ema,
-            z_weight=z_weight.value,
             precision=precision.value,
             seed=seed,
             total=steps or DEFAULT_STEPS,
@@ -309,7 +296,6 @@ def _new_settings(
     warmup: int,
     decay: str,
     ema: float,
-    z_weight: str,
     precision: str,
     seed: int,
     total: int,
@@ -380,7 +366,7 @@ def _new_settings(
         target_name=target_name,
         prep=Preprocessing(size=size, resize=resize, hflip=hflip),  # type: ignore[arg-type]
         field=spec,
-        schedule=Schedule(lr=lr, warmup=warmup, decay=decay, total=total, ema=ema, z_weight=z_weight),  # type: ignore[arg-type]
+        schedule=Schedule(lr=lr, warmup=warmup, decay=decay, total=total, ema=ema),  # type: ignore[arg-type]
         network=network,
         charges=charges,
         points=points,
