@@ -91,7 +91,7 @@ def random_capacitor(network: str, size: int, device: torch.device) -> Capacitor
     with torch.no_grad():
         weight = capacitor.network.conv_out.weight
         weight.copy_(0.1 * torch.randn(weight.shape, generator=generator))
-        capacitor.network.conv_out.bias[-1] = 30.0
+        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
     capacitor.network.to(device)
     return capacitor
 

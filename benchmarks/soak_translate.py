@@ -93,7 +93,7 @@ def make_capacitor(folder: Path) -> Path:
     with torch.no_grad():
         for parameter in capacitor.network.parameters():
             parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-        capacitor.network.conv_out.bias[-1] = 30.0
+        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
     return capacitor.save_pretrained(folder)
 
 

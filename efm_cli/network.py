@@ -2,7 +2,12 @@
 
 `UNetField` is the DDPM-style UNet of the papers (method.md §4.1): GroupNorm, SiLU, residual blocks, attention at
 low resolution, the height z entering through a sinusoidal embedding added in every residual block. Its output
-has C + 1 channels: the first C are f_x, the last one is averaged over the image into the scalar f_z. `MLPField` is
+has C + 1 channels: the first C are f_x, the last one is averaged over the image into the scalar f_z, times √N
+(N = 1 + C·H·W). The field targets are scaled to norm ≈ √N: their image entries are O(1) each, but their height
+entry is O(√N) (about 20 for 32×32 colour images). A plain channel mean starts at 0 and moves by about the learning
+rate per Adam step, so without the factor f_z stays far too small for thousands of steps. Every step of a field
+line moves x by f_x/f_z, so that error scales the whole translation: a 32×32 UNet after 500 steps predicted
+f_z ≈ 0.4 where the field has about 12 and carried digits far past the target images. `MLPField` is
 the same interface for low-dimensional (toy) data. Both are described completely by a plain config dict, so that a
 capacitor's config.json rebuilds its network with no flags.
 
@@ -155,6 +160,7 @@ class UNetField(nn.Module):
                 res *= 2
         self.norm_out = nn.GroupNorm(_groups(width), width, eps=1e-6)
         self.conv_out = _zero(nn.Conv2d(width, c.channels + 1, 3, padding=1))
+        self.z_scale = math.sqrt(1 + c.channels * c.size**2)
 
     def _stage(self, cin: int, cout: int, res: int) -> nn.ModuleList:
         """A residual block, followed by attention at the configured resolutions."""
@@ -183,7 +189,7 @@ class UNetField(nn.Module):
             else:
                 h = module(h)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return out[:, -1].mean(dim=(1, 2)), out[:, :-1]
+        return out[:, -1].mean(dim=(1, 2)) * self.z_scale, out[:, :-1]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def make(field: str = "tube") -> Capacitor:
         for p in capacitor.network.parameters():
             if not p.abs().sum():
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        capacitor.network.conv_out.bias[-1] = 30.0
+        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
     return capacitor
 
 

@@ -284,7 +284,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for p in capacitor.network.parameters():
             if not p.abs().sum():
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-        capacitor.network.conv_out.bias[-1] = 30.0  # the field climbs everywhere
+        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale  # the field climbs everywhere
     capacitor.save_pretrained(root / "cap")
     for split, count in (("train", 24), ("test", 10)):
         bars(root / split / "a", True, count, 10 + count)

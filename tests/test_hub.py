@@ -39,7 +39,8 @@ def capacitor_files(seed: int = 0, source: str = "horse", target: str = "zebra")
     with torch.no_grad():
         for parameter in capacitor.network.parameters():
             parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-        capacitor.network.conv_out.bias[-1] = 30.0  # the field climbs everywhere: every line reaches the plate
+        # The field climbs everywhere: every line reaches the plate.
+        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
     with tempfile.TemporaryDirectory() as folder:
         capacitor.save_pretrained(folder)
         return {name: (Path(folder) / name).read_bytes() for name in sorted(CAPACITOR_FILES)}

@@ -1,6 +1,7 @@
 """Field networks: shapes for every preset and image size, per-sample independence, config round trips."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_a_network_drives_the_integrator() -> None:
     """An image-shaped field network is a valid `field` for the integrator, in both directions."""
     net = randomise(UNetField(preset("tiny", size=8, L=6.0))).double()
     with torch.no_grad():
-        net.conv_out.bias[-1] = 5.0  # a field that climbs: f_z > 0 everywhere
+        net.conv_out.bias[-1] = 5.0 / net.z_scale  # a field that climbs: f_z = 5 everywhere
         x = torch.rand(3, 3, 8, 8, dtype=torch.float64) * 2 - 1
         forward = integrate(net, x, 1e-3, 6.0, rtol=1e-5, atol=1e-5)
         backward = integrate(net, forward.x, 6.0, 1e-3, rtol=1e-5, atol=1e-5)
@@ -105,3 +106,17 @@ def test_a_network_drives_the_integrator() -> None:
     assert forward.x.shape == x.shape
     moved = (forward.x - x).norm()
     assert moved > 0.1 and (backward.x - x).norm() < 0.05 * moved  # one field, both directions
+
+
+def test_height_output_is_the_last_channel_mean_scaled_to_the_targets_norm() -> None:
+    """Field targets have norm ≈ √N, so their height entry is O(√N): f_z is the channel mean times √N."""
+    net = UNetField(preset("tiny", size=16))
+    outputs: list[torch.Tensor] = []
+    net.conv_out.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+        f_z, f_x = net(torch.rand(3) * 20, torch.rand(3, 3, 16, 16) * 2 - 1)
+    n = 1 + 3 * 16 * 16
+    assert net.z_scale == math.sqrt(n)
+    assert torch.allclose(f_z, outputs[0][:, -1].double().mean(dim=(1, 2)).float() * math.sqrt(n), rtol=1e-5)
+    assert torch.equal(f_x, outputs[0][:, :-1])

@@ -48,7 +48,7 @@ def make_capacitor(source: str = "horse", target: str = "zebra", channels: int =
         for parameter in capacitor.network.parameters():
             if not parameter.abs().sum():
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-        capacitor.network.conv_out.bias[-1] = 30.0
+        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
     return capacitor
 
 
