@@ -92,6 +92,7 @@ def random_capacitor(network: str, size: int, device: torch.device) -> Capacitor
         weight = capacitor.network.conv_out.weight
         weight.copy_(0.1 * torch.randn(weight.shape, generator=generator))
         capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
+        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
     capacitor.network.to(device)
     return capacitor
 

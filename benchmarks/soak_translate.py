@@ -94,6 +94,7 @@ def make_capacitor(folder: Path) -> Path:
         for parameter in capacitor.network.parameters():
             parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
         capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
+        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
     return capacitor.save_pretrained(folder)
 
 

@@ -28,6 +28,7 @@ def make(field: str = "tube") -> Capacitor:
             if not p.abs().sum():
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
         capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
+        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
     return capacitor
 
 

@@ -285,6 +285,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if not p.abs().sum():
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
         capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale  # the field climbs everywhere
+        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
     capacitor.save_pretrained(root / "cap")
     for split, count in (("train", 24), ("test", 10)):
         bars(root / split / "a", True, count, 10 + count)

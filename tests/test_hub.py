@@ -41,6 +41,7 @@ def capacitor_files(seed: int = 0, source: str = "horse", target: str = "zebra")
             parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
         # The field climbs everywhere: every line reaches the plate.
         capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
+        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
     with tempfile.TemporaryDirectory() as folder:
         capacitor.save_pretrained(folder)
         return {name: (Path(folder) / name).read_bytes() for name in sorted(CAPACITOR_FILES)}

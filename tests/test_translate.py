@@ -49,6 +49,7 @@ def make_capacitor(source: str = "horse", target: str = "zebra", channels: int =
             if not parameter.abs().sum():
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
         capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
+        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
     return capacitor
 
 
