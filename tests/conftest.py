@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator, Mapping
 import pytest
 import torch
 
+from efm_cli.capacitor import Capacitor
+
 # Variables that change what efm prints; tests opt into them explicitly.
 _OUTPUT_VARIABLES = (
     "NO_COLOR",
@@ -68,3 +70,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def climbing_capacitor(config: dict, *, seed: int = 0, everything: bool = False) -> Capacitor:
+    """A random capacitor whose field climbs everywhere (f_z ≈ 30), so that every line lands in a few steps.
+
+    Zero-initialised weights (with `everything`, all weights) are drawn from N(0, 0.05²) with `seed`, so the field
+    moves images a little and different seeds give different weights.
+    """
+    capacitor = Capacitor(config)
+    generator = torch.Generator().manual_seed(seed)
+    network = capacitor.network
+    with torch.no_grad():
+        for parameter in network.parameters():
+            if everything or not parameter.abs().sum():
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+        network.conv_out.bias[-1] = 30.0 / network.z_scale
+        network.conv_out.weight[-1] /= network.z_scale
+    return capacitor

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import climbing_capacitor
 from safetensors.torch import save_file
 
 from efm_cli.capacitor import Capacitor, CapacitorError, new_config
@@ -21,15 +22,7 @@ def make(field: str = "tube") -> Capacitor:
     config = new_config(
         source="horse", target="zebra", network=preset("tiny", size=SIZE, L=6.0).to_dict(), field=params, size=SIZE
     )
-    capacitor = Capacitor(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in capacitor.network.parameters():
-            if not p.abs().sum():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
-        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
-    return capacitor
+    return climbing_capacitor(config)
 
 
 def images(count: int = 3) -> torch.Tensor:

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import climbing_capacitor
 from PIL import Image
 from scipy.linalg import sqrtm
 
 from efm_cli import classifier as clf
 from efm_cli import console
 from efm_cli import evaluate as ev
-from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.capacitor import new_config
 from efm_cli.cli import main
 from efm_cli.network import preset
 
@@ -278,15 +279,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
         size=16,
         sampler={"solver": "euler", "steps": 4},
     )
-    capacitor = Capacitor(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in capacitor.network.parameters():
-            if not p.abs().sum():
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale  # the field climbs everywhere
-        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
-    capacitor.save_pretrained(root / "cap")
+    climbing_capacitor(config).save_pretrained(root / "cap")
     for split, count in (("train", 24), ("test", 10)):
         bars(root / split / "a", True, count, 10 + count)
         bars(root / split / "b", False, count, 20 + count)

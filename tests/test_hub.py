@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import climbing_capacitor
 from hub_server import TOKEN, HubServer
 
 from efm_cli import hub, registry
-from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.capacitor import new_config
 from efm_cli.network import preset
 
 SIZE = 16
@@ -34,14 +35,7 @@ def capacitor_files(seed: int = 0, source: str = "horse", target: str = "zebra")
         size=SIZE,
         training={"steps": 10 + seed, "datasets": ["local/horses"], "metrics": {"fid": 12.5}},
     )
-    capacitor = Capacitor(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in capacitor.network.parameters():
-            parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-        # The field climbs everywhere: every line reaches the plate.
-        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
-        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
+    capacitor = climbing_capacitor(config, seed=seed, everything=True)
     with tempfile.TemporaryDirectory() as folder:
         capacitor.save_pretrained(folder)
         return {name: (Path(folder) / name).read_bytes() for name in sorted(CAPACITOR_FILES)}

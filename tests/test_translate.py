@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import climbing_capacitor
 from PIL import Image
 from torch import Tensor, nn
 
@@ -42,15 +43,7 @@ def make_capacitor(source: str = "horse", target: str = "zebra", channels: int =
         channels=channels,
         sampler={"solver": "dopri5", "rtol": 1e-2, "atol": 1e-2},
     )
-    capacitor = Capacitor(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in capacitor.network.parameters():
-            if not parameter.abs().sum():
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-        capacitor.network.conv_out.bias[-1] = 30.0 / capacitor.network.z_scale
-        capacitor.network.conv_out.weight[-1] /= capacitor.network.z_scale  # f_z as before its √N scale
-    return capacitor
+    return climbing_capacitor(config)
 
 
 def _pixels(width: int, height: int, channels: int, seed: int) -> np.ndarray:
