@@ -242,10 +242,13 @@ def test_cli_trains_a_cyclegan_folder_and_refuses_to_overwrite(run_efm: Run, tmp
     root = tmp_path / "square2disc"
     shapes(root / "trainA", "square", 10, 0)
     shapes(root / "trainB", "disc", 10, 1)
+    (root / "trainB" / "broken.png").write_bytes(b"not a picture")
     run = tmp_path / "run"
     done = run_efm("train", "--source", str(root), *TINY, "--steps", "3", "--out", str(run), "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # finished, but an input was left out
     summary = json.loads(done.stdout)
+    assert summary["ignored"] == [{"path": str(root / "trainB" / "broken.png"), "reason": "not an image"}]
+    assert f"warning: skipped {root / 'trainB' / 'broken.png'}: not an image" in done.stderr.splitlines()
     assert summary["step"] == 3 and summary["stopped"] == "steps" and summary["model"] == str(run / "model")
     assert {"config.json", "checkpoints", "samples", "metrics.jsonl", "loss.png", "model"} <= {
         p.name for p in run.iterdir()

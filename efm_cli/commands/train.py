@@ -181,7 +181,7 @@ def train_command(
     efm train --source photos/summer --target photos/winter --out runs/s2w --steps 50000
     efm train --resume runs/s2w --max-minutes 120
     """
-    console.set_quiet(quiet or json_output)
+    console.set_quiet(quiet)
     from efm_cli.runs import Budget, RunError, fit, read_settings
 
     if resume is not None:
