@@ -97,7 +97,18 @@ def validate(config: Any) -> dict[str, Any]:
     return config
 
 
-def read_config_text(path: Path) -> str:
+def read_config(folder: Path) -> Any:
+    """The parsed (not yet validated) config.json of a capacitor folder; every reason it cannot be read is a
+    `CapacitorError`. Every reader of a capacitor config goes through here."""
+    try:
+        return json.loads(_config_text(folder / CONFIG_NAME))
+    except FileNotFoundError as error:
+        raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
+    except (OSError, ValueError) as error:
+        raise CapacitorError(f"{folder / CONFIG_NAME} is not valid JSON ({error})") from error
+
+
+def _config_text(path: Path) -> str:
     """The text of a config.json, refused (ValueError) unless it is a regular file of at most `MAX_CONFIG_BYTES`.
 
     A folder from elsewhere may link config.json to /dev/zero or a FIFO: reading those would never end.
@@ -180,13 +191,7 @@ class Capacitor:
         folder = Path(folder)
         if not folder.is_dir():
             raise CapacitorError(f"{folder} is not a capacitor folder")
-        try:
-            config = json.loads(read_config_text(folder / CONFIG_NAME))
-        except FileNotFoundError as error:
-            raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
-        except ValueError as error:
-            raise CapacitorError(f"{folder / CONFIG_NAME} is not valid JSON ({error})") from error
-        capacitor = cls(config)
+        capacitor = cls(read_config(folder))
         try:
             weights = load_file(folder / WEIGHTS_NAME)
         except FileNotFoundError as error:

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from efm_cli import __version__
-from efm_cli.capacitor import CONFIG_NAME, WEIGHTS_NAME, CapacitorError, read_config_text, validate
+from efm_cli.capacitor import CONFIG_NAME, WEIGHTS_NAME, CapacitorError, read_config, validate
 from efm_cli.registry import UnknownReference, parse_hub_ref
 
 SAMPLE_NAME = "sample.png"
@@ -200,8 +200,8 @@ def _check_listing(repo_id: str, revision: str | None, names: list[str]) -> None
 
 def _check_config(path: Path, repo_id: str, revision: str | None) -> None:
     try:
-        validate(json.loads(read_config_text(path)))
-    except (OSError, ValueError, CapacitorError) as error:
+        validate(read_config(path.parent))
+    except CapacitorError as error:
         raise HubError(
             f"{_where(repo_id, revision)} is not an efm capacitor: {error}",
             "check the repo name; efm loads only its own capacitor format",
@@ -210,12 +210,7 @@ def _check_config(path: Path, repo_id: str, revision: str | None) -> None:
 
 def check_folder(folder: Path) -> dict[str, Any]:
     """Validate a capacitor folder without torch: its config, and the safetensors header of its weights."""
-    try:
-        config = validate(json.loads(read_config_text(folder / CONFIG_NAME)))
-    except FileNotFoundError as error:
-        raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
-    except (OSError, ValueError) as error:
-        raise CapacitorError(f"{CONFIG_NAME} is not valid JSON ({error})") from error
+    config = validate(read_config(folder))
     parameters(folder / WEIGHTS_NAME)
     return config
 

@@ -14,14 +14,13 @@ from it. Reading a config here never builds a network, so listing models stays c
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from efm_cli import env
-from efm_cli.capacitor import CONFIG_NAME, CapacitorError, Direction, validate
+from efm_cli.capacitor import CapacitorError, Direction, read_config, validate
 
 Origin = Literal["embedded", "cache", "path"]
 
@@ -47,11 +46,11 @@ class Entry:
         return self.config["domains"]["source"], self.config["domains"]["target"]
 
 
-def read_config(folder: Path) -> dict[str, Any] | None:
+def _usable_config(folder: Path) -> dict[str, Any] | None:
     """The validated config of a capacitor folder, or None when the folder holds no usable capacitor."""
     try:
-        return validate(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")))
-    except (OSError, ValueError, CapacitorError):
+        return validate(read_config(folder))
+    except CapacitorError:
         return None
 
 
@@ -60,7 +59,7 @@ def _scan(root: Path, origin: Origin) -> list[Entry]:
         return []
     entries = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        config = read_config(folder)
+        config = _usable_config(folder)
         if config is not None:
             entries.append(Entry(folder.name, folder, origin, config))
     return entries

@@ -16,7 +16,7 @@ from conftest import Run
 from hub_server import TOKEN, HubServer
 from test_hub import capacitor_files, isolated_hub, subprocess_env  # noqa: F401  (an autouse fixture: empty HF cache)
 
-from efm_cli import hub
+from efm_cli import hub, registry
 from efm_cli.capacitor import Capacitor, CapacitorError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,7 +90,9 @@ def test_oversized_or_malformed_configs_are_refused_before_allocation(tmp_path: 
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # KiB: nothing big was allocated
 
 
-def test_links_in_a_capacitor_folder_cannot_read_or_publish_other_files(tmp_path: Path, hub_server: HubServer) -> None:
+def test_links_in_a_capacitor_folder_cannot_read_or_publish_other_files(
+    tmp_path: Path, hub_server: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = write(tmp_path / "cap", capacitor_files())
     (folder / "config.json").unlink()
     (folder / "config.json").symlink_to("/dev/zero")  # reading it would never end
@@ -99,6 +101,8 @@ def test_links_in_a_capacitor_folder_cannot_read_or_publish_other_files(tmp_path
         Capacitor.from_pretrained(folder)
     with pytest.raises(CapacitorError, match="not a regular file"):
         hub.check_folder(folder)
+    monkeypatch.setenv("EFM_WEIGHTS_DIR", str(tmp_path))
+    assert registry.embedded() == []  # listing models skips it instead of hanging
     assert time.perf_counter() - start < 5
     secret = tmp_path / "secret.txt"
     secret.write_text("hf_SecretFromElsewhere\n")
