@@ -202,8 +202,9 @@ class _Distributed:
             dist.destroy_process_group()
 
 
-def _capacitor_config(settings: RunSettings, trainer: Trainer, counts: tuple[int, int], seconds: float) -> dict:
-    network = preset(settings.network, size=settings.prep.size, L=settings.field.L).to_dict()
+def _capacitor_config(
+    settings: RunSettings, network: dict[str, Any], trainer: Trainer, counts: tuple[int, int], seconds: float
+) -> dict:
     return new_config(
         source=settings.source_name,
         target=settings.target_name,
@@ -530,7 +531,7 @@ def _export(
     settings: RunSettings, trainer: Trainer, net: nn.Module, counts: tuple[int, int], seconds: float, run: Path
 ) -> None:
     """RUN/model: the capacitor with the EMA weights, and the newest sample grid beside it."""
-    config = _capacitor_config(settings, trainer, counts, seconds)
+    config = _capacitor_config(settings, net.config.to_dict(), trainer, counts, seconds)
     model = run / "model"
     Capacitor(config, network=trainer.ema_network(net)).save_pretrained(model)
     grids = sorted((run / "samples").glob("step-*.png"))

@@ -249,13 +249,12 @@ class Trainer:
             for index, state in optimizer["state"].items()
             for name, value in state.items()
         }
-        groups = [{k: v for k, v in g.items()} for g in optimizer["param_groups"]]
         meta = {
             "step": self.step,
             "skipped": self.skipped,
             "seed": self.seed,
             "ema_updates": self.ema.updates,
-            "param_groups": groups,
+            "param_groups": optimizer["param_groups"],
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
         model = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
