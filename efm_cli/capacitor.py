@@ -170,7 +170,8 @@ class Capacitor:
         local_files_only: bool = False,
         token: str | None = None,
     ) -> Capacitor:
-        """Load a capacitor folder, or a Hub repo (`user/name`, `user/name@revision`) through the HF cache.
+        """Load a capacitor folder, a Hub repo (`user/name`, `user/name@revision`) through the HF cache, or the
+        short name of an embedded or cached capacitor (`horse2zebra`).
 
         The keywords are huggingface_hub ModelHubMixin's. Either way only config.json and model.safetensors are
         read, both checked; Hub downloads go through `efm_cli.hub` (capacitor files only, no pickle weights).
@@ -188,6 +189,10 @@ class Capacitor:
             folder = hub.download(
                 ref, offline=local_files_only, token=token, cache=cache_dir, force_download=force_download
             )
+        elif not Path(ref).exists() and os.sep not in ref and "/" not in ref:
+            from efm_cli import registry
+
+            folder = registry.resolve(ref)
         folder = Path(folder)
         if not folder.is_dir():
             raise CapacitorError(f"{folder} is not a capacitor folder")
@@ -216,19 +221,24 @@ class Capacitor:
         self,
         folder: str | os.PathLike[str],
         *,
+        dtype: torch.dtype | None = None,
         push_to_hub: bool = False,
         repo_id: str | None = None,
         **push_options: Any,
     ) -> Path:
         """Write config.json and model.safetensors, each atomically (a reader never sees half a file).
 
+        `dtype=torch.float16` stores the weights in half precision, half the bytes; loading casts them back to fp32.
         As with huggingface_hub's ModelHubMixin, `push_to_hub=True` then publishes the folder to `repo_id`
         (`push_options`: private, revision, token, commit_message).
         """
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.network.state_dict().items()}
+        state = {
+            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+            for k, v in self.network.state_dict().items()
+        }
         with atomic_path(folder / WEIGHTS_NAME) as temporary:
             save_file(state, str(temporary), metadata={"format": FORMAT})
         with atomic_path(folder / CONFIG_NAME) as temporary:

@@ -74,8 +74,12 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None) -> str:
-    """The whole README.md of a capacitor published as `repo_id`; `sample` names the grid image beside it."""
+def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, embedded: bool = False) -> str:
+    """The whole README.md of a capacitor published as `repo_id`; `sample` names the grid image beside it.
+
+    With `embedded`, `repo_id` is the capacitor's folder name in `weights/`, and the usage section shows `--to`
+    and the short name instead of a download.
+    """
     source, target = config["domains"]["source"], config["domains"]["target"]
     field, image = config["field"], config["image"]
     training = config.get("training") or {}
@@ -109,15 +113,20 @@ def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None) -
         lines += ["", "## Metrics", ""]
         lines += _table(list(metrics.items()))
     source_dir, target_dir = f"{_tag(source) or 'source'}-images", f"{_tag(target) or 'target'}-images"
+    shell = (
+        [
+            f"efm translate ./{source_dir} --to {target}  # embedded in efm: no download",
+            f"efm translate ./{target_dir} --to {source}  # and back",
+        ]
+        if embedded
+        else [
+            "pip install efm-cli",
+            f"efm download {repo_id}",
+            f"efm translate ./{source_dir} --model {repo_id} --out ./{target_dir}",
+        ]
+    )
+    lines += ["", "## Use it with efm", "", "```bash", *shell, "```"]
     lines += [
-        "",
-        "## Use it with efm",
-        "",
-        "```bash",
-        "pip install efm-cli",
-        f"efm download {repo_id}",
-        f"efm translate ./{source_dir} --model {repo_id} --out ./{target_dir}",
-        "```",
         "",
         "From Python (images are [b, C, H, W] tensors in [-1, 1] at the capacitor's size):",
         "",
