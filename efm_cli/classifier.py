@@ -47,8 +47,9 @@ class Settings:
     size: int
     """Side of the square images the classifier sees."""
     seed: int = 0
-    steps_per_image: float = 8.0 / 64
-    """Optimiser steps per training image (eight passes at batch 64), clamped to [min_steps, max_steps]."""
+    steps_per_image: float = 24.0 / 64
+    """Optimiser steps per training image (24 passes at batch 64), clamped to [min_steps, max_steps]. Eight passes
+    left the horse/zebra classifier fooled by greyscale (+0.11 over untouched horses); 24 passes: +0.07."""
     min_steps: int = 300
     max_steps: int = 1000
     batch: int = 64

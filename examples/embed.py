@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from efm_cli import card
 from efm_cli.capacitor import Capacitor, CapacitorError
@@ -67,7 +68,8 @@ def embed(
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=weights) as staging:
         folder = capacitor.save_pretrained(Path(staging) / name, dtype=torch.float16 if fp16 else None)
         if picture.is_file():
-            shutil.copyfile(picture, folder / "sample.png")
+            with Image.open(picture) as image:
+                image.convert("RGB").save(folder / "sample.png")
         sample = "sample.png" if picture.is_file() else None
         (folder / "README.md").write_text(
             card.render(capacitor.config, name, sample=sample, embedded=True), encoding="utf-8"

@@ -63,7 +63,8 @@ def test_embedded_capacitor_is_fp16_with_metrics_card_and_picture(
     monkeypatch.setattr(registry, "known", registry.embedded)  # the HF cache of this machine stays out of it
     original, embedded = Capacitor.from_pretrained(tmp_path / "run" / "model"), Capacitor.from_pretrained("h2z")
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) - 0.5
-    ours, theirs = original.translate(x, to="zebra").images, embedded.translate(x, to="zebra").images
+    tight = {"rtol": 1e-6, "atol": 1e-6}  # integration error far below what fp16 storage changes
+    ours, theirs = (c.translate(x, to="zebra", **tight).images for c in (original, embedded))
     assert (ours - x).abs().max() > 0.05  # the capacitor moves the images ...
     torch.testing.assert_close(theirs, ours, atol=5e-3, rtol=0)  # ... and fp16 storage barely changes where to
 
