@@ -27,6 +27,9 @@ FORMAT = "efm-capacitor"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+SAMPLE_NAME = "sample.png"
+"""The optional files of a capacitor folder: its model card and the picture the card shows."""
 
 Direction = Literal["forward", "backward"]
 

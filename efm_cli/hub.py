@@ -24,11 +24,17 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from efm_cli import __version__
-from efm_cli.capacitor import CONFIG_NAME, WEIGHTS_NAME, CapacitorError, read_config, validate
+from efm_cli.capacitor import (
+    CARD_NAME,
+    CONFIG_NAME,
+    SAMPLE_NAME,
+    WEIGHTS_NAME,
+    CapacitorError,
+    read_config,
+    validate,
+)
 from efm_cli.registry import UnknownReference, parse_hub_ref
 
-SAMPLE_NAME = "sample.png"
-CARD_NAME = "README.md"
 ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, SAMPLE_NAME)
 """The files of a capacitor on the Hub; anything else in a repo is never downloaded."""
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from efm_cli import __version__, checkpoint, console, devices
-from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.capacitor import SAMPLE_NAME, Capacitor, new_config
 from efm_cli.datasets import NOISE, BatchStream, DataError, ImageFolder, Preprocessing, batches
 from efm_cli.errors import HintedError
 from efm_cli.files import atomic_path
@@ -42,7 +42,6 @@ from efm_cli.network import build, preset
 from efm_cli.train import FieldSpec, Precision, Schedule, Shard, Trainer
 
 RUN_FORMAT = "efm-run"
-SAMPLE_NAME = "sample.png"
 
 
 class RunError(HintedError):

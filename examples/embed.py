@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from efm_cli import card
-from efm_cli.capacitor import Capacitor, CapacitorError
+from efm_cli.capacitor import CARD_NAME, SAMPLE_NAME, WEIGHTS_NAME, Capacitor, CapacitorError
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_LIMIT = 25 * 2**20
@@ -62,19 +62,19 @@ def embed(
         training["metrics"] = metrics(report)
     if datasets:
         training["datasets"] = datasets
-    picture = picture or model / "sample.png"
+    picture = picture or model / SAMPLE_NAME
+    sample = SAMPLE_NAME if picture.is_file() else None
     weights.mkdir(parents=True, exist_ok=True)
     destination = weights / name
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=weights) as staging:
         folder = capacitor.save_pretrained(Path(staging) / name, dtype=torch.float16 if fp16 else None)
-        if picture.is_file():
+        if sample:
             with Image.open(picture) as image:
-                image.convert("RGB").save(folder / "sample.png")
-        sample = "sample.png" if picture.is_file() else None
-        (folder / "README.md").write_text(
+                image.convert("RGB").save(folder / sample)
+        (folder / CARD_NAME).write_text(
             card.render(capacitor.config, name, sample=sample, embedded=True), encoding="utf-8"
         )
-        size = (folder / "model.safetensors").stat().st_size
+        size = (folder / WEIGHTS_NAME).stat().st_size
         if size > SIZE_LIMIT:
             raise CapacitorError(f"model.safetensors is {size / 2**20:.1f} MiB, over the {SIZE_LIMIT >> 20} MiB limit")
         if destination.exists():
