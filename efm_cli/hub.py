@@ -349,8 +349,6 @@ def explain(
             else "check the name; if the repo is private, set HF_TOKEN to a token that can read it"
         )
         return HubError(f"repo {repo_id} not found on {host}", hint)
-    if isinstance(error, hub_errors.LocalEntryNotFoundError) and error.__cause__ is not None:
-        return explain(error.__cause__, repo_id, revision, endpoint, token=token)
     if isinstance(error, hub_errors.OfflineModeIsEnabled):
         return HubError(f"{where} needs the network, but offline mode is on", "unset HF_HUB_OFFLINE")
     status = _status(error)
@@ -373,6 +371,9 @@ def explain(
             f"cannot reach {host} for {where}",
             "check your network connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached capacitors only",
         )
+    if error.__cause__ is not None:
+        # huggingface_hub wraps the real failure (a missing cache entry, a failed LFS upload) in its own error.
+        return explain(error.__cause__, repo_id, revision, endpoint, token=token)
     return HubError(f"Hub request for {where} failed ({type(error).__name__})", "rerun with EFM_DEBUG=1 for details")
 
 

@@ -2,14 +2,23 @@
 
 It serves the endpoints the client calls for downloads and pushes: model info (optionally at a revision), the
 file tree, file resolution (HEAD and GET, with ETag, X-Repo-Commit and the error codes the client understands),
-repo and branch creation, YAML validation, preupload and ndjson commits. Repos live in memory as commits (a
-commit maps paths to bytes) and refs (branch or tag name → commit). Faults can be injected per request pattern,
-and every request is logged so tests can count what the client really asked for.
+repo and branch creation, YAML validation, preupload, ndjson commits, and the Git LFS upload protocol. Repos live
+in memory as commits (a commit maps paths to bytes) and refs (branch or tag name → commit). Faults can be injected
+per request pattern, and every request is logged so tests can count what the client really asked for.
+
+LFS, as the real Hub does it for files its `.gitattributes` marks `filter=lfs` (every new repo tracks
+`*.safetensors`): preupload answers "lfs" for them; the client asks the batch endpoint what to do with each object
+(sha256 oid + size), PUTs the bytes to the `upload` href it gets back (on the Hub a signed storage URL, here this
+server), POSTs the `verify` href, and finally commits an `lfsFile` line naming the oid instead of the bytes. An
+object the repo already stores gets no actions, so it is not uploaded again. Multipart uploads are never offered.
+The client only takes this path with Xet disabled (HF_HUB_DISABLE_XET=1): with hf_xet installed it would upload
+through Xet storage instead, which this server does not speak.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import json
 import re
@@ -27,6 +36,7 @@ TOKEN = "hf_TestTokenNeverPrinted0123456789"
 """The one token the server accepts; tests check it never shows up in efm's output."""
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
+_LFS = r"^/(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects"
 _ROUTES = [
     ("GET", re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$"), "info"),
     ("GET", re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$"), "tree"),
@@ -37,17 +47,38 @@ _ROUTES = [
     ("POST", re.compile(rf"^/api/models/{_REPO}/branch/(?P<rev>[^/]+)$"), "branch"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
+    ("POST", re.compile(rf"{_LFS}/batch$"), "lfs_batch"),
+    ("PUT", re.compile(rf"{_LFS}/(?P<oid>[0-9a-f]{{64}})$"), "lfs_upload"),
+    ("POST", re.compile(rf"{_LFS}/verify$"), "lfs_verify"),
 ]
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The pointer file git keeps in the tree in place of an LFS file's bytes."""
+    oid = hashlib.sha256(data).hexdigest()
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n".encode()
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git gives a blob: the sha1 of a short header plus the bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 @dataclass
 class Repo:
-    """A model repo: commits (sha → {path: bytes}), refs (name → sha), visibility."""
+    """A model repo: commits (sha → {path: bytes}), refs (name → sha), visibility, and LFS storage.
+
+    `lfs` holds the objects uploaded through LFS (sha256 → bytes); a file whose bytes are one of them is served as
+    an LFS file. `granted` holds the oids (→ size) the batch endpoint told a client to upload: the PUT carries no
+    token (on the Hub it goes to a signed storage URL), so only an upload the batch endpoint handed out is taken.
+    """
 
     repo_id: str
     private: bool = False
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
+    lfs: dict[str, bytes] = field(default_factory=dict)
+    granted: dict[str, int] = field(default_factory=dict)
 
     def commit(self, files: dict[str, bytes], branch: str = "main") -> str:
         """Add a commit on `branch` holding the branch's files updated by `files`; return its sha."""
@@ -66,6 +97,25 @@ class Repo:
         if revision in self.refs:
             return self.refs[revision]
         return revision if revision in self.commits else None
+
+    def tracks_lfs(self, sha: str, path: str) -> bool:
+        """Whether the `.gitattributes` of commit `sha` puts `path` in LFS (`PATTERN ... filter=lfs ...` lines).
+
+        As in git, a pattern without a slash matches the file name in any folder, one with a slash the whole path.
+        """
+        for line in self.commits[sha].get(".gitattributes", b"").decode().splitlines():
+            fields = line.split()
+            if len(fields) < 2 or "filter=lfs" not in fields[1:]:
+                continue
+            pattern = fields[0]
+            if fnmatch.fnmatchcase(path if "/" in pattern else path.rsplit("/", 1)[-1], pattern):
+                return True
+        return False
+
+    def lfs_oid(self, data: bytes) -> str | None:
+        """The sha256 oid of `data` if it was uploaded through LFS, else None."""
+        oid = hashlib.sha256(data).hexdigest()
+        return oid if oid in self.lfs else None
 
 
 @dataclass
@@ -164,6 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
     @property
     def authorized(self) -> bool:
         return self.headers.get("Authorization") == f"Bearer {TOKEN}"
@@ -250,12 +303,17 @@ class _Handler(BaseHTTPRequestHandler):
         found = self._readable(repo)
         sha = found and self._revision(found, rev)
         if found and sha:
-            files = found.commits[sha]
-            entries = [
-                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                for name, data in sorted(files.items())
-                if name.startswith(path)
-            ]
+            entries = []
+            for name, data in sorted(found.commits[sha].items()):
+                if not name.startswith(path):
+                    continue
+                entry = {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                oid = found.lfs_oid(data)
+                if oid is not None:  # as on the Hub: the git oid is the pointer's, the lfs entry describes the bytes
+                    pointer = lfs_pointer(data)
+                    entry["oid"] = git_blob_id(pointer)
+                    entry["lfs"] = {"oid": oid, "size": len(data), "pointerSize": len(pointer)}
+                entries.append(entry)
             self._send(200, entries)
 
     def _resolve(self, method: str, repo: str, rev: str, path: str) -> None:
@@ -268,6 +326,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": sha})
             return
         headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+        oid = found.lfs_oid(data)
+        if oid is not None:
+            # The Hub's answer for an LFS file: the ETag is the git pointer's, X-Linked-Etag and X-Linked-Size describe
+            # the bytes, and the client prefers them (the cached blob is named by the sha256). The Hub would also
+            # redirect to its CDN, another host; this server serves the bytes itself, because the client follows a
+            # redirect to the same host on HEAD and would then miss these headers on the final answer.
+            headers.update(
+                {
+                    "ETag": f'"{git_blob_id(lfs_pointer(data))}"',
+                    "X-Linked-Etag": f'"{oid}"',
+                    "X-Linked-Size": str(len(data)),
+                }
+            )
         start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if start and method == "GET":
             offset = int(start[1])
@@ -318,8 +389,16 @@ class _Handler(BaseHTTPRequestHandler):
         found = self._writable(repo)
         if found is not None:
             files = self._json_body()["files"]
-            answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            self._send(200, {"files": answer, "commitOid": found.refs.get(rev)})
+            sha = found.lookup(rev)
+            answer = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if sha and found.tracks_lfs(sha, f["path"]) else "regular",
+                    "shouldIgnore": False,
+                }
+                for f in files
+            ]
+            self._send(200, {"files": answer, "commitOid": sha})
 
     def _commit(self, method: str, repo: str, rev: str) -> None:
         found = self._writable(repo)
@@ -330,8 +409,58 @@ class _Handler(BaseHTTPRequestHandler):
             item = json.loads(line)
             if item["key"] == "file":
                 files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "lfsFile":
+                data = found.lfs.get(item["value"]["oid"])
+                if data is None or item["value"].get("size", len(data)) != len(data):
+                    # Nothing is committed: a commit never points at an object its storage lacks.
+                    self._send(400, {"error": f"LFS object of {item['value']['path']} was never uploaded"})
+                    return
+                files[item["value"]["path"]] = data
             elif item["key"] != "header":
                 self._send(400, {"error": f"this test server does not support {item['key']!r}"})
                 return
         sha = found.commit(files, rev)
         self._send(200, {"commitUrl": f"{self.hub.url}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+
+    def _lfs_batch(self, method: str, repo: str) -> None:
+        """Tell the client, per object, whether and where to upload it; a stored object gets no actions."""
+        found = self._writable(repo)
+        if found is None:
+            return
+        request = self._json_body()
+        if request.get("operation") != "upload":
+            self._send(400, {"error": "this test server takes LFS uploads only; files download through /resolve/"})
+            return
+        base = f"{self.hub.url}/{repo}.git/info/lfs/objects"
+        objects = []
+        for item in request["objects"]:
+            answer = {"oid": item["oid"], "size": item["size"]}
+            if item["oid"] not in found.lfs:
+                found.granted[item["oid"]] = item["size"]
+                answer["actions"] = {"upload": {"href": f"{base}/{item['oid']}"}, "verify": {"href": f"{base}/verify"}}
+            objects.append(answer)
+        self._send(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_upload(self, method: str, repo: str, oid: str) -> None:
+        """Store the PUT body as object `oid`, if the batch endpoint granted it and the bytes are what it announced."""
+        found = self.hub.repos.get(repo)
+        size = found.granted.get(oid) if found else None
+        if found is None or size is None:
+            self._send(403, {"error": "no upload of this object was granted"})
+        elif len(self.body) != size or hashlib.sha256(self.body).hexdigest() != oid:
+            self._send(400, {"error": "the body does not match the announced oid and size"})
+        else:
+            found.lfs[oid] = self.body
+            self._send(200, body=b"")
+
+    def _lfs_verify(self, method: str, repo: str) -> None:
+        """Confirm that an object arrived whole: 200 if it is stored with the size the client claims, else 404."""
+        found = self._writable(repo)
+        if found is None:
+            return
+        claim = self._json_body()
+        data = found.lfs.get(claim.get("oid", ""))
+        if data is None or len(data) != claim.get("size"):
+            self._send(404, {"error": "object not uploaded"})
+        else:
+            self._send(200, {})

@@ -1,12 +1,14 @@
 """Hub support against a real HTTP server on 127.0.0.1 (tests/hub_server.py) and the real huggingface_hub client.
 
 In-process tests pass the server's URL as the endpoint and point the HF cache at tmp_path; subprocess tests set
-HF_ENDPOINT and HF_HOME. No request ever leaves 127.0.0.1.
+HF_ENDPOINT and HF_HOME. No request ever leaves 127.0.0.1. Both turn Xet off: the server takes weights through Git
+LFS, while a client with hf_xet installed would upload them through Xet storage, which the server does not speak.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -14,14 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import climbing_capacitor
-from hub_server import TOKEN, HubServer
+from hub_server import TOKEN, HubServer, Request
 
 from efm_cli import hub, registry
-from efm_cli.capacitor import new_config
+from efm_cli.capacitor import Capacitor, new_config
 from efm_cli.network import preset
 
 SIZE = 16
 CAPACITOR_FILES = {"config.json", "model.safetensors"}
+LFS_PUT = r"\.git/info/lfs/objects/[0-9a-f]{64}$"
+"""Path pattern of the LFS upload (PUT) of any object, for `HubServer.fail`."""
 
 
 @functools.cache
@@ -43,13 +47,14 @@ def capacitor_files(seed: int = 0, source: str = "horse", target: str = "zebra")
 
 @pytest.fixture(autouse=True)
 def isolated_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty HF cache under tmp_path, no token from the environment or a stored login."""
+    """An empty HF cache under tmp_path, no token from the environment or a stored login, no Xet."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hf" / "hub"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     return cache
 
@@ -70,6 +75,7 @@ def subprocess_env(server: HubServer, tmp_path: Path, **extra: str) -> dict[str,
         "HF_HUB_CACHE": str(home / "hub"),
         "HF_HUB_OFFLINE": "0",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
         "EFM_WEIGHTS_DIR": str(tmp_path / "no-embedded"),  # the capacitors shipped in weights/ stay out of it
         **extra,
     }
@@ -363,3 +369,92 @@ def test_translate_with_a_hub_capacitor_at_a_revision(hub_server: HubServer, tmp
     assert [r.status for r in hub_server.requests("/api/models/alice/h2z/revision/v1")] == [200, 200]
     downloaded = {r.path.split("/")[-2] for r in hub_server.requests("/model.safetensors", "GET")}
     assert downloaded == {first}
+
+
+def lfs_requests(server: HubServer, repo_id: str) -> tuple[list[Request], list[Request]]:
+    """The LFS batch requests, and the object uploads (PUTs), the client sent for `repo_id`."""
+    objects = f"/{repo_id}.git/info/lfs/objects/"
+    return server.requests(objects + "batch", "POST"), server.requests(objects, "PUT")
+
+
+def test_cli_push_sends_the_weights_through_lfs_and_they_come_back_identical(
+    hub_server: HubServer, tmp_path: Path, run_efm, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    from huggingface_hub import constants
+
+    run = make_run(tmp_path)
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    oid = hashlib.sha256(weights).hexdigest()
+    env = subprocess_env(hub_server, tmp_path, HF_TOKEN=TOKEN)
+    pushed = run_efm("push", str(run), "--repo", "bob/h2z", "--json", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    commit = json.loads(pushed.stdout)["commit"]
+    batches, puts = lfs_requests(hub_server, "bob/h2z")
+    assert [r.status for r in batches] == [200]
+    # Only the weights go through LFS, and the upload URL (a storage host, on the Hub) is never sent the token.
+    assert [(r.path.rsplit("/", 1)[-1], r.status, r.authorized) for r in puts] == [(oid, 200, False)]
+    assert [r.status for r in hub_server.requests("/bob/h2z.git/info/lfs/objects/verify")] == [200]
+    repo = hub_server.repos["bob/h2z"]
+    assert repo.lfs == {oid: weights}
+    assert repo.commits[commit]["model.safetensors"] == weights
+
+    folder = get(hub_server, "bob/h2z")
+    assert folder.name == commit
+    assert (folder / "model.safetensors").read_bytes() == weights
+    # Cached under the sha256 the server announced for the LFS file (X-Linked-Etag), not under its pointer's ETag.
+    assert (folder / "model.safetensors").resolve().name == oid
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
+    remote, local = Capacitor.from_pretrained("bob/h2z"), Capacitor.from_pretrained(run / "model")
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    translated = remote.translate(images, solver="euler", steps=2).images
+    assert not torch.equal(translated, images)
+    assert torch.equal(translated, local.translate(images, solver="euler", steps=2).images)
+
+
+def test_pushing_the_same_weights_again_does_not_upload_them_again(hub_server: HubServer, tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+    again = hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+    batches, puts = lfs_requests(hub_server, "bob/h2z")
+    assert [r.status for r in batches] == [200, 200] and len(puts) == 1
+    repo = hub_server.repos["bob/h2z"]
+    assert repo.commits[again.commit]["model.safetensors"] == capacitor_files()["model.safetensors"]
+    changed = hub.push(make_run(tmp_path, 1), "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+    assert len(lfs_requests(hub_server, "bob/h2z")[1]) == 2 and len(repo.lfs) == 2
+    assert repo.commits[changed.commit]["model.safetensors"] == capacitor_files(1)["model.safetensors"]
+
+
+def test_a_quiet_push_whose_lfs_upload_fails_once_is_retried_in_silence(
+    hub_server: HubServer, tmp_path: Path, run_efm
+) -> None:
+    hub_server.fail("PUT", LFS_PUT, 500)
+    env = subprocess_env(hub_server, tmp_path, HF_TOKEN=TOKEN)
+    pushed = run_efm("push", str(make_run(tmp_path)), "--repo", "bob/h2z", "--quiet", env=env)
+    assert pushed.returncode == 0 and pushed.stderr == ""
+    assert [r.status for r in lfs_requests(hub_server, "bob/h2z")[1]] == [500, 200]
+    repo = hub_server.repos["bob/h2z"]
+    assert repo.commits[repo.refs["main"]]["model.safetensors"] == capacitor_files()["model.safetensors"]
+
+
+def test_cli_push_whose_lfs_upload_is_refused_fails_in_one_line_and_commits_nothing(
+    hub_server: HubServer, tmp_path: Path, run_efm
+) -> None:
+    run = make_run(tmp_path)
+    # A refusal from storage (an expired signed URL, say): the client gives up at once. A 500 or a cut connection
+    # would be retried five times with backoff, about 25 s, before ending the same way.
+    hub_server.fail("PUT", LFS_PUT, 403)
+    failed = run_efm("push", str(run), "--repo", "bob/h2z", env=subprocess_env(hub_server, tmp_path, HF_TOKEN=TOKEN))
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith("error: ") and "bob/h2z" in failed.stderr
+    assert len(failed.stderr.splitlines()) == 1 and TOKEN not in failed.stderr
+    repo = hub_server.repos["bob/h2z"]
+    assert hub_server.requests("/commit/") == [] and repo.lfs == {}
+    assert set(repo.commits[repo.refs["main"]]) == {".gitattributes"}
+    retried = hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+    assert repo.commits[retried.commit]["model.safetensors"] == (run / "model" / "model.safetensors").read_bytes()
+
+
+def test_a_refused_lfs_upload_is_explained_like_any_refusal(hub_server: HubServer, tmp_path: Path) -> None:
+    hub_server.fail("PUT", LFS_PUT, 403)
+    with pytest.raises(hub.HubError, match=r"^access to bob/h2z refused by http://127\.0\.0\.1:\d+ \(HTTP 403\)$"):
+        hub.push(make_run(tmp_path), "bob/h2z", token=TOKEN, endpoint=hub_server.url)

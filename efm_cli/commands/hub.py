@@ -36,12 +36,16 @@ OfflineOption = Annotated[
 
 
 def _quiet_hub(quiet: bool, json_output: bool) -> None:
-    """Progress bars only for a person watching stderr, as the product contract wants."""
+    """Progress bars only for a person watching stderr; under --quiet not even huggingface_hub's retry warnings."""
     console.set_quiet(quiet)
     if quiet or json_output or not sys.stderr.isatty():
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    if quiet:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
 
 
 def _fail(error: Exception) -> EfmError:
