@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a run under 60 s on 2 CPU cores")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--network", default="small")
-    parser.add_argument("--charges", type=int, default=64, help="charges per plate (efm train's default)")
+    parser.add_argument(
+        "--charges", type=int, default=64, help="charges per plate (efm train's default for the Coulomb field)"
+    )
     parser.add_argument("--points", type=int, default=32, help="points per step (efm train's default)")
     parser.add_argument("--field", default="coulomb", choices=["coulomb", "tube"])
     parser.add_argument("--plan", default="ot", choices=["independent", "ot"])

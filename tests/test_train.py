@@ -288,6 +288,30 @@ def test_cli_refuses_bad_settings_with_one_line(
     assert stderr.startswith(message) and len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "charges", "width"),
+    [
+        (["--field", "tube"], 256, 5.0 * SIZE / 32),
+        (["--field", "tube", "--size", "32"], 256, 5.0),
+        (["--field", "tube", "--charges", "8", "--tube-width", "3"], 8, 3.0),
+        (["--field", "coulomb"], 64, None),
+    ],
+)
+def test_cli_defaults_for_charges_and_tube_width_follow_the_field_and_size(
+    domains: tuple[Path, Path], tmp_path: Path, args: list[str], charges: int, width: float | None
+) -> None:
+    run = tmp_path / "run"
+    source, target = (str(d) for d in domains)
+    common = ["--source", source, "--target", target, "--size", str(SIZE), "--network", "tiny", "--batch-size", "4"]
+    assert main(["train", *common, *args, "--steps", "1", "--out", str(run), "-q"]) == 0
+    recorded = json.loads((run / "config.json").read_text())["settings"]
+    assert recorded["charges"] == charges
+    assert recorded["field"]["S"] == pytest.approx(width if width is not None else 5.0 * SIZE / 32)
+    stored = Capacitor.from_pretrained(run / "model").config
+    assert stored["training"]["charges_per_plate"] == charges
+    assert stored["field"].get("S") == (pytest.approx(width) if width is not None else None)
+
+
 def test_cli_ctrl_c_checkpoints_at_a_step_boundary_and_resume_matches(
     run_efm: Run, domains: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -99,8 +99,8 @@ def train_command(
     ] = True,
     field: Annotated[
         FieldChoice,
-        typer.Option(help="coulomb: EFM's field; tube: the interaction field of IFM.", rich_help_panel=_FIELD),
-    ] = FieldChoice.coulomb,
+        typer.Option(help="tube: the interaction field of IFM; coulomb: EFM's field.", rich_help_panel=_FIELD),
+    ] = FieldChoice.tube,
     plate_distance: Annotated[
         float | None,
         typer.Option(
@@ -119,8 +119,13 @@ def train_command(
     ] = TargetChoice.repo,
     gamma: Annotated[float, typer.Option(min=0.0, help="γ of the repo target.", rich_help_panel=_FIELD)] = 5.0,
     tube_width: Annotated[
-        float, typer.Option(min=1e-6, help="S, the tube field's width scale.", rich_help_panel=_FIELD)
-    ] = 10.0,
+        float | None,
+        typer.Option(
+            min=1e-6,
+            help="S, the tube field's width scale (default 5 × size/32: 5 at 32, 10 at 64).",
+            rich_help_panel=_FIELD,
+        ),
+    ] = None,
     scheme: Annotated[
         SchemeChoice, typer.Option(help="How training heights are drawn.", rich_help_panel=_FIELD)
     ] = SchemeChoice.uniform,
@@ -129,8 +134,14 @@ def train_command(
     ] = NetworkChoice.small,
     batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Points per step (b).", rich_help_panel=_OPT)] = 32,
     charges: Annotated[
-        int, typer.Option(min=1, max=65536, help="Charges per plate per step (B ≥ b).", rich_help_panel=_OPT)
-    ] = 64,
+        int | None,
+        typer.Option(
+            min=1,
+            max=65536,
+            help="Charges per plate per step (B ≥ b; default 64 for coulomb, 256 for tube).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (Adam).", rich_help_panel=_OPT)] = 2e-4,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up steps.", rich_help_panel=_OPT)] = 1000,
     lr_decay: Annotated[
@@ -287,11 +298,11 @@ def _new_settings(
     plan: str,
     target_mode: str,
     gamma: float,
-    S: float,
+    S: float | None,
     scheme: str,
     network: str,
     points: int,
-    charges: int,
+    charges: int | None,
     lr: float,
     warmup: int,
     decay: str,
@@ -303,7 +314,7 @@ def _new_settings(
 ) -> RunSettings:
     from efm_cli.datasets import NOISE, Preprocessing, cyclegan_folders, domain_names
     from efm_cli.runs import RunSettings
-    from efm_cli.train import DEFAULT_L, FieldSpec, Schedule
+    from efm_cli.train import DEFAULT_CHARGES, DEFAULT_L, FieldSpec, Schedule, default_tube_width
 
     if source is None:
         raise EfmError("nothing to train on", "pass --source A --target B, or --resume RUN", ExitCode.USAGE)
@@ -335,6 +346,7 @@ def _new_settings(
                 )
     if size % 8:
         raise EfmError(f"--size {size} is not a multiple of 8", "use 32, 64, 128 or 256", ExitCode.USAGE)
+    charges = charges if charges is not None else DEFAULT_CHARGES[field]
     if charges < points:
         raise EfmError(
             f"--charges {charges} is below --batch-size {points}", "points lie between charges", ExitCode.USAGE
@@ -353,7 +365,7 @@ def _new_settings(
             L=L if L is not None else DEFAULT_L[field],
             target=target_mode,  # type: ignore[arg-type]
             gamma=gamma,
-            S=S,
+            S=S if S is not None else default_tube_width(size),
             scheme=scheme,  # type: ignore[arg-type]
             plan=plan,  # type: ignore[arg-type]
         )
