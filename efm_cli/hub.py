@@ -61,13 +61,18 @@ class CachedCapacitor:
 
 @dataclass(frozen=True)
 class PushResult:
-    """Where a push landed: the repo, the branch, the new commit and its URL."""
+    """Where a push landed: the repo, the branch, the commit and its URL, and whether that commit is new.
+
+    `changed` is False when the branch already held these exact files: the client then makes no commit (the Hub
+    refuses empty ones) and `commit` is the branch's existing head.
+    """
 
     repo_id: str
     revision: str
     commit: str
     url: str
     files: tuple[str, ...]
+    changed: bool = True
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -434,6 +439,7 @@ def push(
         api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        head = api.repo_info(repo_id, revision=revision, repo_type="model").sha
         commit = api.create_commit(
             repo_id,
             operations=operations,
@@ -449,4 +455,5 @@ def push(
         commit=commit.oid,
         url=commit.commit_url,
         files=tuple(operation.path_in_repo for operation in operations),
+        changed=commit.oid != head,
     )

@@ -112,6 +112,10 @@ class Repo:
                 return True
         return False
 
+    def oid(self, data: bytes) -> str:
+        """What preupload reports for a stored file: its LFS sha256, or its git blob id; the client skips equal ones."""
+        return self.lfs_oid(data) or git_blob_id(data)
+
     def lfs_oid(self, data: bytes) -> str | None:
         """The sha256 oid of `data` if it was uploaded through LFS, else None."""
         oid = hashlib.sha256(data).hexdigest()
@@ -390,11 +394,13 @@ class _Handler(BaseHTTPRequestHandler):
         if found is not None:
             files = self._json_body()["files"]
             sha = found.lookup(rev)
+            stored = found.commits[sha] if sha else {}
             answer = [
                 {
                     "path": f["path"],
                     "uploadMode": "lfs" if sha and found.tracks_lfs(sha, f["path"]) else "regular",
                     "shouldIgnore": False,
+                    **({"oid": found.oid(stored[f["path"]])} if f["path"] in stored else {}),
                 }
                 for f in files
             ]

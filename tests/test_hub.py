@@ -411,17 +411,37 @@ def test_cli_push_sends_the_weights_through_lfs_and_they_come_back_identical(
     assert torch.equal(translated, local.translate(images, solver="euler", steps=2).images)
 
 
-def test_pushing_the_same_weights_again_does_not_upload_them_again(hub_server: HubServer, tmp_path: Path) -> None:
+def test_pushing_the_same_capacitor_again_uploads_and_commits_nothing(hub_server: HubServer, tmp_path: Path) -> None:
     run = make_run(tmp_path)
-    hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
-    again = hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
-    batches, puts = lfs_requests(hub_server, "bob/h2z")
-    assert [r.status for r in batches] == [200, 200] and len(puts) == 1
+    first = hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
     repo = hub_server.repos["bob/h2z"]
-    assert repo.commits[again.commit]["model.safetensors"] == capacitor_files()["model.safetensors"]
+    commits = len(repo.commits)
+    again = hub.push(run, "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+    assert first.changed and not again.changed
+    assert again.commit == first.commit == repo.refs["main"] and len(repo.commits) == commits
+    assert len(hub_server.requests("/commit/", "POST")) == 1
+    # The client still asks the LFS batch endpoint about the weights, which answers "already stored": no upload.
+    assert [len(r) for r in lfs_requests(hub_server, "bob/h2z")] == [2, 1]
     changed = hub.push(make_run(tmp_path, 1), "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+    assert changed.changed and changed.commit == repo.refs["main"] != first.commit
     assert len(lfs_requests(hub_server, "bob/h2z")[1]) == 2 and len(repo.lfs) == 2
     assert repo.commits[changed.commit]["model.safetensors"] == capacitor_files(1)["model.safetensors"]
+    assert repo.commits[changed.commit]["config.json"] == capacitor_files(1)["config.json"]
+
+
+def test_cli_push_of_unchanged_files_says_so_and_prints_the_existing_commit(
+    hub_server: HubServer, tmp_path: Path, run_efm
+) -> None:
+    run = make_run(tmp_path)
+    env = subprocess_env(hub_server, tmp_path, HF_TOKEN=TOKEN)
+    first = run_efm("push", str(run), "--repo", "bob/h2z", "--revision", "dev", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["changed"] is True
+    again = run_efm("push", str(run), "--repo", "bob/h2z", "--revision", "dev", env=env)
+    assert again.returncode == 0, again.stderr
+    head = hub_server.repos["bob/h2z"].refs["dev"]
+    assert again.stdout.strip().endswith(f"/bob/h2z/commit/{head}") and head == json.loads(first.stdout)["commit"]
+    assert "bob/h2z (dev) already holds these files: nothing to commit" in again.stderr
 
 
 def test_a_quiet_push_whose_lfs_upload_fails_once_is_retried_in_silence(

@@ -185,7 +185,7 @@ def push_command(
     Uploads config.json, model.safetensors, README.md and sample.png.
     The model card is generated, unless the capacitor folder has its own README.md.
     Needs a token with write access: HF_TOKEN, or a login stored by 'hf auth login'.
-    Prints the commit URL.
+    Prints the commit URL (the branch's head when it already held these files: no empty commit is made).
 
     Examples:
     efm push runs/horse2zebra --repo alice/horse2zebra
@@ -206,8 +206,12 @@ def push_command(
                 "commit": result.commit,
                 "url": result.url,
                 "files": list(result.files),
+                "changed": result.changed,
             }
         )
     else:
-        console.info(f"pushed {', '.join(result.files)} to {result.repo_id} ({result.revision})")
+        if result.changed:
+            console.info(f"pushed {', '.join(result.files)} to {result.repo_id} ({result.revision})")
+        else:
+            console.info(f"{result.repo_id} ({result.revision}) already holds these files: nothing to commit")
         print(result.url)
