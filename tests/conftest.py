@@ -75,10 +75,13 @@ def one_thread() -> Iterator[None]:
 def climbing_capacitor(config: dict, *, seed: int = 0, everything: bool = False) -> Capacitor:
     """A random capacitor whose field climbs everywhere (f_z ≈ 30), so that every line lands in a few steps.
 
-    Zero-initialised weights (with `everything`, all weights) are drawn from N(0, 0.05²) with `seed`, so the field
-    moves images a little and different seeds give different weights.
+    The network is built under `seed` (a test must not depend on the global RNG that earlier tests advanced), and its
+    zero-initialised weights (with `everything`, all weights) are drawn from N(0, 0.05²), so the field moves images a
+    little and different seeds give different weights.
     """
-    capacitor = Capacitor(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        capacitor = Capacitor(config)
     generator = torch.Generator().manual_seed(seed)
     network = capacitor.network
     with torch.no_grad():

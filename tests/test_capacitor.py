@@ -44,8 +44,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 def test_translation_goes_both_ways_by_domain_name() -> None:
     capacitor = make()
     x = images() / 2  # away from the clamp at ±1, which no field line can undo
-    there = capacitor.translate(x, to="zebra", rtol=1e-5, atol=1e-5)
-    back = capacitor.translate(there.images, to="horse", rtol=1e-5, atol=1e-5)
+    # At 1e-5 the round trip of some random fields misses by 6 % (global error, not a bug); at 1e-6 by ≤ 0.2 %.
+    there = capacitor.translate(x, to="zebra", rtol=1e-6, atol=1e-6)
+    back = capacitor.translate(there.images, to="horse", rtol=1e-6, atol=1e-6)
     assert (there.direction, back.direction) == ("forward", "backward")
     assert there.solution.landed.all() and back.solution.landed.all()
     assert there.images.shape == x.shape and there.images.abs().max() <= 1.0
