@@ -5,8 +5,8 @@
 #
 # DATA holds trainA/ trainB/ testA/ testB/. The first call starts RUN with efm train's defaults; later calls resume
 # it, so a long training is a series of calls. Each call trains for at most MINUTES (default 60), then writes
-# RUN/eval.json (efm eval: all of testA against testB) and RUN/testA-grid.jpg (the first 12 testA photos beside
-# their translations). The capacitor is RUN/model, ready for `efm translate --model`, `efm push` or examples/embed.py.
+# RUN/testA-grid.jpg (the first 12 testA photos beside their translations) and RUN/eval.json, and prints the table
+# of efm eval (all of testA against testB). The capacitor is RUN/model, ready for `efm translate --model`, `efm push` or examples/embed.py.
 # Settings of a new run, from the environment: SIZE (64), STEPS (6000; also extends a resumed run), BATCH (points per
 # step, 16), CHARGES (per plate; efm train's default), NETWORK (small), DEVICE (auto).
 set -euo pipefail
@@ -31,10 +31,6 @@ else
         --device "$device" --out "$run" --max-minutes "$minutes"
 fi
 
-efm eval --model "$run/model" --source "$data/testA" --target "$data/testB" \
-    --train-source "$data/trainA" --train-target "$data/trainB" --device "$device" --json >"$run/eval.json.part"
-mv "$run/eval.json.part" "$run/eval.json"
-
 picked=$(mktemp -d)
 trap 'rm -rf "$picked"' EXIT
 mkdir "$picked/horses"
@@ -42,12 +38,5 @@ find "$data/testA" -maxdepth 1 -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -
     while read -r photo; do cp "$photo" "$picked/horses/"; done
 efm translate "$picked/horses" --model "$run/model" --out "$picked/zebras" --device "$device" \
     --grid "$run/testA-grid.jpg" --quiet
-python - "$run/eval.json" <<'EOF'
-import json, sys
-
-r = json.load(open(sys.argv[1]))
-fd = r["fd"]
-print(f"target rate {r['target_rate']:.3f} (robust {r['robust_target_rate']:.3f}, classifier accuracy "
-      f"{r['classifier']['accuracy']:.3f}, trustworthy {r['trick_test']['trustworthy']}); FD {fd['translated']:.1f} "
-      f"(no-op {fd['no_op']:.1f}, floor {fd['noise_floor']:.2f}); SSIM {r['structure_ssim']:.2f}")
-EOF
+efm eval --model "$run/model" --source "$data/testA" --target "$data/testB" \
+    --train-source "$data/trainA" --train-target "$data/trainB" --device "$device" --report "$run/eval.json"

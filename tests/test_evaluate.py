@@ -5,6 +5,7 @@ import colorsys
 import importlib.util
 import json
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -326,10 +327,14 @@ def test_eval_json_report_then_cached_rerun(run_efm, bench: Path) -> None:
     assert "training the domain classifier" in result.stderr
 
     (bench / "test/a/broken.png").write_bytes(b"not a png")
-    table = run_efm(*args[:-1], env=env, timeout=120)
+    table = run_efm(*args[:-1], "--report", str(bench / "reports/eval.json"), env=env, timeout=120)
     (bench / "test/a/broken.png").unlink()
     assert table.returncode == 3, table.stderr
     assert "target rate" in table.stdout and "FD noise floor" in table.stdout
+    written = json.loads((bench / "reports/eval.json").read_text())  # the table on stdout, the document in the file
+    assert set(written) == REPORT_KEYS and written["target_rate"] == report["target_rate"]
+    assert [Path(item["path"]).name for item in written["skipped"]] == ["broken.png"]
+    assert os.listdir(bench / "reports") == ["eval.json"]
     assert "training" not in table.stderr and "loaded from" in table.stderr
     assert "broken.png" in table.stderr
 

@@ -442,6 +442,7 @@ def test_cli_push_of_unchanged_files_says_so_and_prints_the_existing_commit(
     head = hub_server.repos["bob/h2z"].refs["dev"]
     assert again.stdout.strip().endswith(f"/bob/h2z/commit/{head}") and head == json.loads(first.stdout)["commit"]
     assert "bob/h2z (dev) already holds these files: nothing to commit" in again.stderr
+    assert "No files have been modified" not in again.stderr  # efm's line, not huggingface_hub's beside it
 
 
 def test_a_quiet_push_whose_lfs_upload_fails_once_is_retried_in_silence(

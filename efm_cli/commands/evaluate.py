@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from enum import StrEnum
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from efm_cli import console
 from efm_cli.commands.options import JsonOption, QuietOption
 from efm_cli.console import EfmError, ExitCode
+from efm_cli.files import atomic_path
 
 
 class Features(StrEnum):
@@ -45,6 +47,14 @@ def eval_command(
         Features,
         typer.Option(help="Also report Inception FID/KID (needs torchvision's weights on this machine)."),
     ] = Features.classifier,
+    report_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            dir_okay=False,
+            help="Also write the JSON document to FILE (atomically), whether stdout shows the table or the JSON.",
+        ),
+    ] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -56,6 +66,7 @@ def eval_command(
     Examples:
     efm eval -m cap --source d/test/two --target d/test/three --train-source d/train/two --train-target d/train/three
     efm eval -m runs/h2z/model --source h2z/testA --target h2z/testB --limit 100 --json
+    efm eval -m runs/h2z/model --source h2z/testA --target h2z/testB --report runs/h2z/eval.json
     """
     console.set_quiet(quiet)
     if (train_source is None) != (train_target is None):
@@ -88,6 +99,9 @@ def eval_command(
         console.warn(f"classifier training skipped {item['path']}: {item['reason']}")
     for item in report["skipped"]:
         console.warn(f"skipped {item['path']}: {item['reason']}")
+    if report_path is not None:
+        with atomic_path(report_path) as part:
+            part.write_text(json.dumps(report, indent=2) + "\n")
     if json_output:
         console.print_json(report)
     else:

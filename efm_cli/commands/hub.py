@@ -48,6 +48,14 @@ def _quiet_hub(quiet: bool, json_output: bool) -> None:
         hub_logging.set_verbosity_error()
 
 
+def _without_empty_commit_warning() -> None:
+    """Drop huggingface_hub's "No files have been modified…" warning: push reports that case in its own words."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    for handler in hub_logging.get_logger("huggingface_hub").handlers:
+        handler.addFilter(lambda record: not record.getMessage().startswith("No files have been modified"))
+
+
 def _fail(error: Exception) -> EfmError:
     return EfmError(str(error), getattr(error, "hint", None))
 
@@ -194,6 +202,7 @@ def push_command(
     from efm_cli import hub
 
     _quiet_hub(quiet, json_output)
+    _without_empty_commit_warning()
     try:
         result = hub.push(folder, repo, private=private, revision=revision, commit_message=message)
     except hub.HubError as error:
