@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from efm_cli.errors import HintedError
-from efm_cli.files import atomic_path
+from efm_cli.files import atomic_path, write_json
 from efm_cli.integrator import SOLVERS, Solution, integrate
 from efm_cli.network import build
 
@@ -244,8 +244,7 @@ class Capacitor:
         }
         with atomic_path(folder / WEIGHTS_NAME) as temporary:
             save_file(state, str(temporary), metadata={"format": FORMAT})
-        with atomic_path(folder / CONFIG_NAME) as temporary:
-            temporary.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        write_json(folder / CONFIG_NAME, self.config)
         if push_to_hub:
             from efm_cli import hub
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efm_cli.files import atomic_path
+from efm_cli.files import atomic_path, write_json
 
 FORMAT = "efm-domain-classifier"
 FORMAT_VERSION = 1
@@ -256,8 +256,7 @@ def save(trained_model: DomainClassifier, folders: Sequence[Path], key: str, inf
         state = {k: v.detach().contiguous().cpu() for k, v in trained_model.state_dict().items()}
         with atomic_path(weights) as temporary:
             save_file(state, str(temporary), metadata={"format": FORMAT})
-        with atomic_path(weights.with_suffix(".json")) as temporary:
-            temporary.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        write_json(weights.with_suffix(".json"), info)
         return weights
     raise ClassifierError(f"no writable cache folder for the domain classifier (tried {', '.join(map(str, folders))})")
 

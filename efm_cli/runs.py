@@ -35,7 +35,7 @@ from efm_cli import __version__, checkpoint, console, devices
 from efm_cli.capacitor import SAMPLE_NAME, Capacitor, new_config
 from efm_cli.datasets import NOISE, BatchStream, DataError, ImageFolder, Preprocessing, batches
 from efm_cli.errors import HintedError
-from efm_cli.files import atomic_path
+from efm_cli.files import atomic_path, write_json
 from efm_cli.images import save_atomic
 from efm_cli.integrator import integrate
 from efm_cli.network import build, preset
@@ -126,9 +126,7 @@ class Progress:
 
 
 def write_settings(run: Path, settings: RunSettings) -> None:
-    with atomic_path(run / "config.json") as temporary:
-        document = {"format": RUN_FORMAT, "efm_version": __version__, "settings": settings.to_json()}
-        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    write_json(run / "config.json", {"format": RUN_FORMAT, "efm_version": __version__, "settings": settings.to_json()})
 
 
 def read_settings(run: Path) -> RunSettings:

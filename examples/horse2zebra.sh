@@ -6,7 +6,8 @@
 # DATA holds trainA/ trainB/ testA/ testB/. The first call starts RUN with efm train's defaults; later calls resume
 # it, so a long training is a series of calls. Each call trains for at most MINUTES (default 60), then writes
 # RUN/testA-grid.jpg (the first 12 testA photos beside their translations) and RUN/eval.json, and prints the table
-# of efm eval (all of testA against testB). The capacitor is RUN/model, ready for `efm translate --model`, `efm push` or examples/embed.py.
+# of efm eval (all of testA against testB). The capacitor is RUN/model, ready for `efm translate --model`,
+# `efm push` or examples/embed.py.
 # Settings of a new run, from the environment: SIZE (64), STEPS (6000; also extends a resumed run), BATCH (points per
 # step, 16), CHARGES (per plate; efm train's default), NETWORK (small), DEVICE (auto).
 set -euo pipefail

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from enum import StrEnum
 from pathlib import Path
@@ -13,7 +12,7 @@ import typer
 from efm_cli import console
 from efm_cli.commands.options import JsonOption, QuietOption
 from efm_cli.console import EfmError, ExitCode
-from efm_cli.files import atomic_path
+from efm_cli.files import write_json
 
 
 class Features(StrEnum):
@@ -100,8 +99,7 @@ def eval_command(
     for item in report["skipped"]:
         console.warn(f"skipped {item['path']}: {item['reason']}")
     if report_path is not None:
-        with atomic_path(report_path) as part:
-            part.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report_path, report)
     if json_output:
         console.print_json(report)
     else:
