@@ -7,7 +7,7 @@ folders byte-identical.
 
     python examples/digits.py digits --per-split 2000
     efm train --source digits/train/two --target digits/train/three --size 32 --no-hflip --warmup 200 \\
-        --steps 2000 --out runs/digits
+        --steps 2000 --charges 1024 --out runs/digits
     efm eval --model runs/digits/model --source digits/test/two --target digits/test/three \\
         --train-source digits/train/two --train-target digits/train/three
 
