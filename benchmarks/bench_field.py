@@ -38,8 +38,9 @@ TARGETS = {"speedup": 20.0, "memory_ratio": 50.0, "max_direction_error": 1e-5}
 
 
 def naive_repo_target(z: Tensor, x: Tensor, source: Tensor, target: Tensor) -> Tensor:
-    """The official approach (method.md §2.3, T-repo): per plate an explicit [b, B, N] difference tensor, distances
-    from it, the official stable weights (min r / (r + 1e-7))^N, and the centroid offset summed over that tensor."""
+    """The official approach (docs/method.md §3, the `repo` target): per plate an explicit [b, B, N] difference
+    tensor, distances from it, the official stable weights (min r / (r + 1e-7))^N, and the centroid offset summed
+    over that tensor."""
     points = torch.cat([z[:, None], x.flatten(1)], dim=1)
     n = points.shape[1]
 

@@ -2,8 +2,8 @@
 
 A step is: the next charge batches of both plates (data), the OT pairing and the field target at the points
 (target), and the network's forward, backward and Adam update with EMA (network). The data comes from real PNG
-folders decoded by `efm_cli.datasets` exactly as `efm train` does (written here from generated shapes), the step
-is `efm_cli.train.Trainer.step_on`, and the parts are timed by wrapping the functions it calls, in the same run.
+folders decoded by `efm_cli.training.data` exactly as `efm train` does (written here from generated shapes), the step
+is `efm_cli.training.step.Trainer.step_on`, and the parts are timed by wrapping the functions it calls, in the same run.
 The shares are ratios within one process, so machine noise mostly cancels. One JSON object on stdout, a table on
 stderr:
 
@@ -24,10 +24,10 @@ import torch
 from _common import emit
 from PIL import Image, ImageDraw
 
-from efm_cli import train
-from efm_cli.datasets import BatchStream, ImageFolder, Preprocessing
 from efm_cli.network import build, preset
-from efm_cli.train import FieldSpec, Schedule, Trainer
+from efm_cli.training import step as train
+from efm_cli.training.data import BatchStream, ImageFolder, Preprocessing
+from efm_cli.training.step import FieldSpec, Schedule, Trainer
 
 TARGETS = {"target_fraction": 0.10}
 

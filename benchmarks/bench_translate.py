@@ -39,7 +39,8 @@ from _common import emit
 from PIL import Image
 from torch import Tensor, nn
 
-from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.capacitor.format import new_config
+from efm_cli.capacitor.model import Capacitor
 from efm_cli.devices import choose as choose_device
 from efm_cli.images import to_tensor
 from efm_cli.network import preset

@@ -27,14 +27,15 @@ import torch
 from _common import emit
 from PIL import Image
 
-from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.capacitor.format import new_config
+from efm_cli.capacitor.model import Capacitor
 from efm_cli.network import preset
 
 SIZE = 16
 WRAPPER = """
 import json, sys, threading, time
 import efm_cli.translate as pipeline
-from efm_cli.cli import main
+from efm_cli.cli.app import main
 
 
 def rss_kib():

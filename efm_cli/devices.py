@@ -1,16 +1,39 @@
-"""Which torch device a `--device` name means, the same way for every command."""
+"""Which torch device a `--device` name means, and which precisions a network may run in: one home for both.
+
+`check` reads a device name without torch (the command line validates `--device` before anything heavy loads);
+`choose` turns it into a `torch.device` on this machine.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Literal
 
-from efm_cli.errors import HintedError
+from efm_cli.errors import EfmError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 NAMES = ("auto", "cpu", "cuda", "mps")
+DEVICE_HELP = "auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps."
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
 
 
-class DeviceError(HintedError):
-    """An unknown device name, or an accelerator this machine does not have."""
+class DeviceError(EfmError):
+    """An accelerator this machine does not have."""
+
+
+class DeviceNameError(DeviceError, UsageError):
+    """A device name that means nothing: not auto, cpu, cuda, cuda:N or mps."""
+
+
+def check(name: str) -> str:
+    """`name` itself if it spells a device (whether or not this machine has it), else a `DeviceNameError`."""
+    kind, colon, index = name.partition(":")
+    if kind not in NAMES or (colon and (kind != "cuda" or not index.isdigit())):
+        raise DeviceNameError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
+    return name
 
 
 def choose(name: str = "auto") -> torch.device:
@@ -18,14 +41,14 @@ def choose(name: str = "auto") -> torch.device:
 
     `cuda:N` picks one GPU of several.
     """
+    import torch
+
+    kind = check(name).partition(":")[0]
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    kind, _, index = name.partition(":")
-    if kind not in NAMES[1:] or (index and (kind != "cuda" or not index.isdigit())):
-        raise DeviceError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
     if (kind == "cuda" and not cuda) or (kind == "mps" and not mps):
         raise DeviceError(f"{name} is not available on this machine", "use --device auto or --device cpu")
-    if index and int(index) >= torch.cuda.device_count():
+    if ":" in name and int(name.partition(":")[2]) >= torch.cuda.device_count():
         raise DeviceError(f"{name} does not exist: this machine has {torch.cuda.device_count()} GPUs", "see 'efm env'")
     return torch.device(name)

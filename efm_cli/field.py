@@ -1,6 +1,6 @@
 """Field targets between the two plates of a capacitor, and the points where they are evaluated.
 
-Conventions (method.md §0): a point of the augmented space R^N, N = D + 1, is given as its height `z` [b] and its
+Conventions (docs/method.md §1): a point of the augmented space R^N, N = D + 1, is given as its height `z` [b] and its
 image part `x` [b, D]; source charges sit on the plate z = 0, target charges on the plate z = L. Every target is
 returned as one [b, N] tensor with the z-component first, the layout of the field network's loss.
 
@@ -98,7 +98,7 @@ def coulomb_target(
     mode: CoulombTarget = "repo",
     gamma: float = 5.0,
 ) -> Tensor:
-    """Minibatch Coulomb field target in R^{D+1} (EFM, method.md §2.3), scaled to √N.
+    """Minibatch Coulomb field target in R^{D+1} (EFM, docs/method.md §3), scaled to √N.
 
     `source` [B, ...] are positive charges on z = 0 and `target` [B', ...] negative charges on z = L, each of total
     charge one per plate. A charge weighs r^{−N}; weights are a softmax of −N·log r, so no power under- or
@@ -149,7 +149,7 @@ def tube_target(
     S: float = 10.0,
     K: float | None = None,
 ) -> Tensor:
-    """Interaction ("tube") field target (IFM, method.md §6.2) of the pairs (source[k] at z=0, target[k] at z=L).
+    """Interaction ("tube") field target (IFM, docs/method.md §3) of the pairs (source[k] at z=0, target[k] at z=L).
 
     Each pair's field fills a tube of width s(z) around its straight segment; inside the ramps the lines fan out from
     the source charge and converge on the target charge. Evaluated as a softmax over pairs in log space, so neither
@@ -232,7 +232,7 @@ def pfgm_z(
     generator: torch.Generator | None = None,
     **like,
 ) -> Tensor:
-    """PFGM-style heights z = |N(0, σ_end²)|·(1+τ)^m, m ~ U[0, M] (method.md §2.2), clamped to [eps, L − eps].
+    """PFGM-style heights z = |N(0, σ_end²)|·(1+τ)^m, m ~ U[0, M] (docs/method.md §2), clamped to [eps, L − eps].
 
     They crowd next to the source plate, where the field changes fastest. `restrict_M` redraws m ~ U[0, ⌊0.7M⌋] for
     tiny z0 as the official code can. The clamp fixes the official EFM sampler, which lets z pass the target plate.

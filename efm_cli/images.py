@@ -1,6 +1,6 @@
 """Images in, images out: decode any common file to 8-bit RGB, convert to and from model tensors, write atomically.
 
-Everything a translation run touches on disk goes through here, so the rules of product.md ("Images in, images out")
+Everything a translation run touches on disk goes through here, so the rules of README's "Output layout"
 live in one place: inputs are only ever read, every PIL mode becomes RGB with its alpha kept aside, unreadable files
 raise `ImageError` with a short reason the CLI can print, and outputs appear under their final name only once complete.
 """
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from efm_cli.errors import EfmError
 from efm_cli.files import atomic_path
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -37,8 +38,10 @@ _ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
-class ImageError(Exception):
+class ImageError(EfmError):
     """An input that cannot be read as an image; the message is a short reason fit for a one-line skip notice."""
+
+    default_hint = "check the image file"
 
 
 @dataclass(frozen=True)

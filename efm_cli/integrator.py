@@ -172,8 +172,8 @@ def _locate(y0: Tensor, y1: Tensor, k0: Tensor, k1: Tensor, h: Tensor, event: Ca
 
 
 @dataclass
-class _Run:
-    """Full-batch results of one drive, filled in as samples leave the active set."""
+class _Rows:
+    """Full-batch rows of one drive: each sample's results, filled in as it leaves the active set."""
 
     y: Tensor
     t: Tensor
@@ -186,7 +186,7 @@ class _Run:
     hit: Tensor
 
     @classmethod
-    def start(cls, y0: Tensor, t0: Tensor) -> _Run:
+    def start(cls, y0: Tensor, t0: Tensor) -> _Rows:
         b, dev = len(y0), y0.device
         counts = [torch.zeros(b, dtype=torch.long, device=dev) for _ in range(4)]
         return cls(
@@ -221,18 +221,18 @@ def _drive(
     sync_every: int = 1,
     phase: str = "slab",
     origin: Tensor | None = None,
-) -> _Run:
+) -> _Rows:
     """Integrate y' = slope(t, y) from t0 to t1 per sample; with `event`, stop where event(y) crosses from ≥ 0 to < 0.
 
     Finished and failed samples are frozen (zero step) until the next compaction, every `sync_every` iterations:
     compaction needs the host to know who finished, so on a GPU a larger value spares a sync per step.
     `origin` maps rows to the caller's batch indices for the callback.
     """
-    run = _Run.start(y0, t0)
+    run = _Rows.start(y0, t0)
     span = t1 - t0
     tol = 1e-9 * span.abs()
     h = span.abs() / steps
-    a = _Run.start(y0, t0)  # the active rows, compacted as samples leave
+    a = _Rows.start(y0, t0)  # the active rows, compacted as samples leave
     idx = torch.arange(len(y0), device=y0.device)
     t_end, h_min = t1, min_step * span.abs()
     live = torch.ones(len(y0), dtype=torch.bool, device=y0.device)
@@ -450,7 +450,7 @@ def _integrate(
 
 
 def euler(field: FieldFn, x: Tensor, z0: float | Tensor, z1: float, **options: Any) -> Solution:
-    """Explicit Euler in z with `steps` equal steps: the official EFM/IFM sampler (method.md §3.2), for parity."""
+    """Explicit Euler in z with `steps` equal steps: the official EFM/IFM sampler (docs/method.md §5), for parity."""
     return _integrate(EULER, False, field, x, z0, z1, **options)
 
 
@@ -465,7 +465,7 @@ def dopri5(field: FieldFn, x: Tensor, z0: float | Tensor, z1: float, **options: 
     Options: `rtol`, `atol` (error control), `max_nfe` (per-sample evaluation cap), `min_step` (step-size floor,
     relative to the plate distance), `fz_min` (guard: f_z is raised to fz_min·|f|, and counted, where it is
     smaller), `behind` ("stop"; "report" marks lines that continue through the destination plate; "follow" also
-    follows them by arc length until they come back to the plate from behind, method.md §3.4), `behind_length`
+    follows them by arc length until they come back to the plate from behind, docs/method.md §1), `behind_length`
     (arc-length cap for that), `callback` (called with a dict after every step), `sync_every` (compaction period).
     """
     return _integrate(DOPRI5, True, field, x, z0, z1, **options)

@@ -1,20 +1,11 @@
 """Field networks: they learn the field (f_z, f_x) between the plates from the minibatch targets of `field`.
 
-`UNetField` is the DDPM-style UNet of the papers (method.md §4.1): GroupNorm, SiLU, residual blocks, attention at
-low resolution, the height z entering through a sinusoidal embedding added in every residual block. Its output
-has C + 1 channels: the first C are f_x, the last one is averaged over the image into the scalar f_z, times √N
-(N = 1 + C·H·W). The field targets are scaled to norm ≈ √N: their image entries are O(1) each, but their height
-entry is O(√N) (about 20 for 32×32 colour images). A plain channel mean starts at 0 and moves by about the learning
-rate per Adam step, so without the factor f_z stays far too small for thousands of steps. Every step of a field
-line moves x by f_x/f_z, so that error scales the whole translation: a 32×32 UNet after 500 steps predicted
-f_z ≈ 0.4 where the field has about 12 and carried digits far past the target images. `MLPField` is
-the same interface for low-dimensional (toy) data. Both are described completely by a plain config dict, so that a
-capacitor's config.json rebuilds its network with no flags.
-
-The height is embedded as 1000·z/L, not as the raw z of the official code: the embedding's highest frequency is one
-radian per unit of its input, so raw z barely changes it over z ∈ [0, 1], exactly where the Coulomb field turns
-fastest (method.md §4.1), while 1000·z/L resolves L/1000 near either plate and spans the timestep range the DDPM
-embedding was designed for, whatever L is.
+`UNetField` is the DDPM-style UNet of the papers (docs/method.md §6): GroupNorm, SiLU, residual blocks, attention at
+low resolution, the height z entering through a sinusoidal embedding of 1000·z/L added in every residual block. Its
+output has C + 1 channels: the first C are f_x, the last one is averaged over the image into the scalar f_z, times
+√N (N = 1 + C·H·W), because the targets' height entry is O(√N) and a plain mean would stay far too small for
+thousands of steps. `MLPField` is the same interface for low-dimensional (toy) data. Both are described completely
+by a plain config dict, so that a capacitor's config.json rebuilds its network with no flags.
 
 Samples never interact (GroupNorm, not BatchNorm), so the integrator may drop finished samples from a batch.
 """

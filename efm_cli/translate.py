@@ -5,7 +5,7 @@ decodes and downsizes the next batches while the field is integrated, and anothe
 their pixel size and writes them atomically, so that the integrator is never waiting for PIL. Every input ends up with
 one `Record` (translated, existing, skipped with a reason, or failed with a reason), in the order of the plan.
 
-Layout (product.md, "Images in, images out"): one folder in → its tree directly under OUT; one file in → OUT/<name>;
+Layout (README, "Output layout"): one folder in → its tree directly under OUT; one file in → OUT/<name>;
 several inputs → each keeps its own name under OUT. OUT defaults to `<input>-to-<domain>` beside the one input, or
 `<common parent>-to-<domain>` beside the inputs' common parent folder. Outputs never overwrite inputs, and files
 inside OUT are never read as inputs, even when OUT lies inside an input folder.
@@ -32,13 +32,15 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from efm_cli.capacitor import Capacitor, Direction
-from efm_cli.errors import HintedError
+from efm_cli.capacitor import registry
+from efm_cli.capacitor.format import Direction
+from efm_cli.capacitor.model import Capacitor
+from efm_cli.devices import Precision
+from efm_cli.errors import EfmError, UsageError
 from efm_cli.files import remove_stale_temporaries
 from efm_cli.images import IMAGE_SUFFIXES, ImageError, Loaded, find_images, load, save_atomic, to_tensor
 from efm_cli.integrator import Status
 
-Precision = Literal["fp32", "bf16", "fp16"]
 RecordStatus = Literal["translated", "existing", "skipped", "failed"]
 
 _MAGIC = frozenset("*?[")
@@ -53,11 +55,11 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """Write errors that no later file escapes: the run stops instead of failing every remaining input in turn."""
 
 
-class TranslateError(HintedError):
+class TranslateError(EfmError):
     """A run that cannot go ahead (nothing to translate); `hint` says what to do."""
 
 
-class PlanError(TranslateError):
+class PlanError(UsageError):
     """Inputs or outputs that are wrong as given (missing input, clashing outputs, output over an input)."""
 
 
@@ -223,8 +225,6 @@ def open_capacitor(
     *, model: str | None, to: str | None, device: torch.device | str = "cpu"
 ) -> tuple[Capacitor, Direction, str]:
     """The capacitor a `--model REF` and/or `--to DOMAIN` asks for, the direction to run it, and its name."""
-    from efm_cli import registry
-
     if model is None and to is None:
         raise PlanError("say where to translate to", "pass --to DOMAIN or --model REF")
     if model is None:
@@ -289,8 +289,7 @@ def compose(rgb: np.ndarray, small_in: Tensor, small_out: Tensor, *, detail: boo
 
     The field sees the picture at the capacitor's resolution, so on its own the result is a bicubic enlargement.
     With `detail`, the input's fine detail — its luminance minus the enlargement of what the field saw — is added
-    back, scaled by `local_gain`. On real photos translated by ideal low-resolution translators (colour maps) this
-    brings the result 9–20 dB closer to the full-resolution truth (benchmarks/bench_translate.py).
+    back, scaled by `local_gain` (README, "Fine detail", has what that gains on real photos).
     """
     size = (rgb.shape[1], rgb.shape[0])
     small_out_hwc = small_out.permute(1, 2, 0).numpy().astype(np.float32)
@@ -435,7 +434,7 @@ def _thumbnail(rgb: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Run:
+class _Session:
     """State of one `translate_files` call, shared by its stages; touched from the calling thread only."""
 
     capacitor: Capacitor
@@ -528,7 +527,7 @@ def translate_files(
     start = time.perf_counter()
     if next(capacitor.network.parameters()).device.type != "cpu":
         options = {"sync_every": 4, **options}  # compaction syncs with the host; on an accelerator, rarely
-    run = _Run(capacitor, jobs, direction, precision, detail, options, progress, [None] * len(jobs))
+    run = _Session(capacitor, jobs, direction, precision, detail, options, progress, [None] * len(jobs))
     remove_stale_temporaries(job.output for job in jobs)  # a killed run's half-written files
     todo = []
     for index, job in enumerate(jobs):

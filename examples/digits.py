@@ -1,4 +1,4 @@
-"""Build the coloured-digits 2 → 3 benchmark folders from MNIST (the recipe of method.md §10).
+"""Build the coloured-digits 2 → 3 benchmark folders from MNIST (the recipe of docs/method.md §8).
 
 Each grey digit g (uint8 / 255) is resized 28 → 32 bilinearly and coloured with one random hue h ~ U[0°, 360°):
 RGB = g · hsv_to_rgb(h, 1, 1), so the background stays black and the stroke takes the colour. Both domains use the

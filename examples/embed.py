@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from efm_cli import card
-from efm_cli.capacitor import CARD_NAME, SAMPLE_NAME, WEIGHTS_NAME, Capacitor, CapacitorError
+from efm_cli.capacitor import card
+from efm_cli.capacitor.format import CARD_NAME, SAMPLE_NAME, WEIGHTS_NAME, CapacitorError
+from efm_cli.capacitor.model import Capacitor
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_LIMIT = 25 * 2**20

@@ -10,7 +10,8 @@ import torch
 from conftest import climbing_capacitor
 from safetensors.torch import save_file
 
-from efm_cli.capacitor import Capacitor, CapacitorError, new_config
+from efm_cli.capacitor.format import CapacitorError, new_config
+from efm_cli.capacitor.model import Capacitor
 from efm_cli.network import preset
 
 SIZE = 8
@@ -39,6 +40,23 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     x, z = images(), torch.tensor([0.5, 2.0, 5.0])
     with torch.no_grad():
         torch.testing.assert_close(loaded.network(z, x), capacitor.network(z, x))
+
+
+def test_a_version_1_folder_loads_and_saves_again_as_version_2(tmp_path: Path) -> None:
+    """Version 1 repeated image.size, image.channels and field.L inside 'network'; version 2 stores them once."""
+    capacitor = make()
+    folder = capacitor.save_pretrained(tmp_path / "v1")
+    current = json.loads((folder / "config.json").read_text())
+    assert current["format_version"] == 2 and {"size", "channels", "L"}.isdisjoint(current["network"])
+    old = {**current, "format_version": 1, "network": {**current["network"], "size": SIZE, "channels": 3, "L": 6.0}}
+    (folder / "config.json").write_text(json.dumps(old))
+    loaded = Capacitor.from_pretrained(folder)
+    assert loaded.config == current
+    x, z = images(), torch.tensor([0.5, 2.0, 5.0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.network(z, x), capacitor.network(z, x))
+    again = loaded.save_pretrained(tmp_path / "v2")
+    assert json.loads((again / "config.json").read_text()) == current
 
 
 def test_translation_goes_both_ways_by_domain_name() -> None:
@@ -83,7 +101,9 @@ def test_half_precision_weights_load(tmp_path: Path) -> None:
         (lambda c: c["field"].update(kind="magnetic"), "unknown field kind"),
         (lambda c: c["field"].update(L=float("inf")), "finite plate distance"),
         (lambda c: c["image"].update(size=12), "multiple of 8"),
-        (lambda c: c["network"].update(size=16), "network' must be a UNet for the capacitor's image size"),
+        (lambda c: c["network"].update(size=16), "network.size = 16 disagrees with image.size = 8"),
+        (lambda c: c["network"].update(L=5.0), "network.L = 5.0 disagrees with field.L"),
+        (lambda c: c["network"].update(kind="mlp"), "'network' must be a UNet"),
         (lambda c: c["network"].update(base=-4), "invalid network"),
         (lambda c: c.update(domains=["horse", "zebra"]), "'domains' must be an object"),
         (lambda c: c["sampler"].update(callback="os.system"), "'sampler' may only set"),
@@ -114,7 +134,7 @@ def test_broken_folders_are_refused(tmp_path: Path) -> None:
         new_config(
             source="a",
             target="b",
-            network=preset("small", size=SIZE).to_dict(),
+            network=preset("small", size=SIZE, L=6.0).to_dict(),
             field={"kind": "tube", "L": 6.0},
             size=SIZE,
         )

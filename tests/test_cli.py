@@ -14,7 +14,7 @@ import sysconfig
 import pytest
 
 import efm_cli
-from efm_cli import console
+from efm_cli.cli import console
 
 SECRET = "hf_secret123"
 ESC = "\x1b["
@@ -24,8 +24,8 @@ _FAILING_ENV = """
 import sys
 import typer
 from efm_cli import env
-from efm_cli.cli import main
-from efm_cli.console import EfmError
+from efm_cli.cli.app import main
+from efm_cli.errors import EfmError, UsageError
 
 def fail():
     raise EXCEPTION
@@ -84,7 +84,7 @@ def test_no_arguments_shows_help_and_exits_2(run_efm) -> None:
 def test_help_and_version_do_not_import_heavy_modules(run_python) -> None:
     code = """
 import contextlib, io, json, sys
-from efm_cli.cli import main
+from efm_cli.cli.app import main
 with contextlib.redirect_stdout(io.StringIO()):
     codes = [main(["--help"]), main(["env", "--help"]), main(["--version"])]
 heavy = ("torch", "torchvision", "numpy", "scipy", "PIL", "huggingface_hub", "safetensors")
@@ -168,7 +168,7 @@ def test_misspelt_command_gets_one_suggestion(run_efm) -> None:
 _WITHOUT_TORCH = """
 import sys
 sys.modules["torch"] = None
-from efm_cli.cli import main
+from efm_cli.cli.app import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -208,9 +208,9 @@ def test_no_color_output_has_no_escape_codes(run_python, run_efm) -> None:
             ["error: RuntimeError: boom second line — rerun with EFM_DEBUG=1 for the traceback"],
         ),
         (
-            'EfmError("no GPU", hint="pass --device cpu", exit_code=3)',
-            3,
-            ["error: no GPU — pass --device cpu"],
+            'UsageError("no such device", hint="pass --device cpu")',
+            2,
+            ["error: no such device — pass --device cpu"],
         ),
         ('EfmError("nothing to do")', 1, ["error: nothing to do"]),
         ("KeyboardInterrupt()", 130, ["error: interrupted"]),
@@ -227,11 +227,12 @@ def test_failures_map_to_one_line_and_exit_code(
     assert result.stdout == ""
 
 
-def test_efm_debug_shows_a_plain_traceback(run_python) -> None:
+def test_efm_debug_shows_a_plain_traceback_and_still_the_error_line(run_python) -> None:
     result = run_python(_FAILING_ENV.replace("EXCEPTION", 'RuntimeError("boom")'), env={"EFM_DEBUG": "1"})
     assert result.returncode == 1
     assert result.stderr.startswith("Traceback (most recent call last):")
-    assert result.stderr.rstrip().endswith("RuntimeError: boom")
+    assert "\nRuntimeError: boom\n" in result.stderr
+    assert result.stderr.splitlines()[-1] == "error: RuntimeError: boom"
     assert "╭" not in result.stderr  # no Rich panel, hence no local variables
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_capacitor
 from PIL import Image
 from safetensors.torch import load_file
-from test_translate import make_capacitor
 
-from efm_cli import registry
-from efm_cli.capacitor import Capacitor
+from efm_cli.capacitor import registry
+from efm_cli.capacitor.model import Capacitor
 
 ROOT = Path(__file__).resolve().parents[1]
 

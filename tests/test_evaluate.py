@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import climbing_capacitor
+from conftest import bars, climbing_capacitor
 from PIL import Image
 from scipy.linalg import sqrtm
 
-from efm_cli import classifier as clf
-from efm_cli import console
-from efm_cli import evaluate as ev
-from efm_cli.capacitor import new_config
-from efm_cli.cli import main
+from efm_cli.capacitor.format import new_config
+from efm_cli.cli import console
+from efm_cli.cli.app import main
+from efm_cli.evaluation import classifier as clf
+from efm_cli.evaluation import report as ev
 from efm_cli.network import preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,21 +205,6 @@ def test_hue_rotation_keeps_luminance_and_turns_red_into_green() -> None:
     assert abs(float(ev.dominant_hue(turned)) - 120) < 25
 
 
-def bars(folder: Path, vertical: bool, count: int, seed: int, size: int = 20) -> None:
-    """Random-coloured bars on black: domain 'a' vertical, 'b' horizontal (content, not colour, tells them apart)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        image = np.zeros((size, size, 3), np.uint8)
-        colour = rng.integers(60, 256, 3, dtype=np.uint8)
-        start = int(rng.integers(2, 6))
-        if vertical:
-            image[start : start + 12, 8:12] = colour
-        else:
-            image[8:12, start : start + 12] = colour
-        Image.fromarray(image).save(folder / f"{i:03d}.png")
-
-
 def test_classifier_is_cached_by_content(tmp_path: Path) -> None:
     bars(tmp_path / "a", True, 12, 0)
     bars(tmp_path / "b", False, 12, 1)
@@ -356,7 +341,7 @@ def test_without_train_folders_each_folder_is_split_in_half(
     (tmp_path / "few").mkdir()
     bars(tmp_path / "few", True, 3, 0)
     with pytest.raises(ev.EvalError, match="4 images or more"):
-        ev.plan(tmp_path / "few", bench / "train/b", None, None, None, 0)
+        ev.assign_roles(tmp_path / "few", bench / "train/b", None, None, None, 0)
 
 
 def test_eval_bad_inputs(
@@ -397,7 +382,7 @@ def test_eval_bad_inputs(
 
 
 def test_eval_help_does_not_import_torch(run_python) -> None:
-    code = "import sys\nfrom efm_cli.cli import main\nmain(['eval', '--help'])\nprint('torch' in sys.modules)"
+    code = "import sys\nfrom efm_cli.cli.app import main\nmain(['eval', '--help'])\nprint('torch' in sys.modules)"
     result = run_python(code)
     assert result.stdout.strip().endswith("False") and "--train-source" in result.stdout
 

@@ -6,9 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from conftest import bars, make_capacitor
 from PIL import Image
-from test_evaluate import bars
-from test_translate import make_capacitor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Field targets and training points against independent float64 references (method.md §2.2, §2.3, §6.2, §6.5).
+"""Field targets and training points against independent float64 references (docs/method.md §2, §3).
 
 The references here never use the Gram identity, top-k refinement or chunking of `efm_cli.field`: the Coulomb one sums
 powers r^{−N} directly (small D) or materialises every difference vector with logsumexp weights (image D); the tube one
@@ -318,7 +318,7 @@ def test_coulomb_target_keeps_image_shapes_and_rejects_unknown_modes() -> None:
 def _tube_official(
     z: torch.Tensor, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, L: float, S: float, K: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official "Shifted" tube field (method.md §6.2), pair by pair in float64.
+    """The official "Shifted" tube field (docs/method.md §3), pair by pair in float64.
 
     Returns the unit direction of F = Σ_k m_k u_k (zero outside [0, L]) and, per point, the largest log m_k. The
     Gaussian factor is kept as a logarithm and every m_k is scaled by the same exp(−max log m): the direction is the
@@ -423,7 +423,7 @@ def test_tube_target_image_dimension() -> None:
 @pytest.mark.parametrize("scheme", ["uniform", "pfgm"])
 def test_tube_target_on_own_segment_is_the_segment_direction(dtype: torch.dtype, scheme: str) -> None:
     """A training point lies on its own segment to the last bit, so with a narrow tube its target is that segment's
-    direction even next to the plates, where a round-off r ≈ 1e-7·|x| would tilt it (method.md §6.2)."""
+    direction even next to the plates, where a round-off r ≈ 1e-7·|x| would tilt it (docs/method.md §3)."""
     g = _gen(11)
     source = (3 * torch.randn(32, 3, 8, 8, generator=g)).to(dtype)
     target = (3 * torch.randn(32, 3, 8, 8, generator=g)).to(dtype)
@@ -505,7 +505,7 @@ def test_uniform_z_range_and_mean() -> None:
 
 
 def test_pfgm_z_quantiles_match_method_monte_carlo() -> None:
-    """method.md §2.2 (σ_end=0.1, τ=0.03, M=291): 10/50/90% ≈ 0.12 / 3.9 / 152, P(z<1) ≈ 0.34; L huge: no clamp."""
+    """docs/method.md §2 (σ_end=0.1, τ=0.03, M=291): 10/50/90% ≈ 0.12 / 3.9 / 152, P(z<1) ≈ 0.34; L huge: no clamp."""
     z = field.pfgm_z(200_000, 1e9, 1e-12, generator=_gen(1), dtype=F64)
     q = torch.quantile(z, torch.tensor([0.1, 0.5, 0.9], dtype=F64))
     torch.testing.assert_close(q, torch.tensor([0.12, 3.9, 152.0], dtype=F64), rtol=0.07, atol=0)
@@ -562,7 +562,7 @@ def test_sample_points_lie_on_the_pair_segments(scheme: str) -> None:
 def test_sample_points_pfgm_options_and_errors() -> None:
     source, target = torch.randn(20_000, 1), torch.randn(20_000, 1)
     z, _ = field.sample_points(source, target, 1e6, scheme="pfgm", eps=1e-9, sigma_end=0.01, generator=_gen(0))
-    assert 0.35 < z.median() < 0.43  # method.md §2.2: σ_end = 0.01, M = 291 ⇒ median ≈ 0.39
+    assert 0.35 < z.median() < 0.43  # docs/method.md §2: σ_end = 0.01, M = 291 ⇒ median ≈ 0.39
     with pytest.raises(ValueError, match="scheme"):
         field.sample_points(source, target, 1.0, scheme="mesh")  # type: ignore[arg-type]
 

@@ -7,56 +7,22 @@ LFS, while a client with hf_xet installed would upload them through Xet storage,
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import climbing_capacitor
+from conftest import CAPACITOR_FILES, capacitor_files, subprocess_env
 from hub_server import TOKEN, HubServer, Request
 
-from efm_cli import hub, registry
-from efm_cli.capacitor import Capacitor, new_config
-from efm_cli.network import preset
+from efm_cli.capacitor import hub, registry
+from efm_cli.capacitor.model import Capacitor
 
 SIZE = 16
-CAPACITOR_FILES = {"config.json", "model.safetensors"}
+pytestmark = pytest.mark.usefixtures("isolated_hub")
 LFS_PUT = r"\.git/info/lfs/objects/[0-9a-f]{64}$"
 """Path pattern of the LFS upload (PUT) of any object, for `HubServer.fail`."""
-
-
-@functools.cache
-def capacitor_files(seed: int = 0, source: str = "horse", target: str = "zebra") -> dict[str, bytes]:
-    """config.json and model.safetensors of a tiny random capacitor; different seeds give different weights."""
-    config = new_config(
-        source=source,
-        target=target,
-        network=preset("tiny", size=SIZE, L=6.0).to_dict(),
-        field={"kind": "tube", "L": 6.0, "S": 1.0},
-        size=SIZE,
-        training={"steps": 10 + seed, "datasets": ["local/horses"], "metrics": {"fid": 12.5}},
-    )
-    capacitor = climbing_capacitor(config, seed=seed, everything=True)
-    with tempfile.TemporaryDirectory() as folder:
-        capacitor.save_pretrained(folder)
-        return {name: (Path(folder) / name).read_bytes() for name in sorted(CAPACITOR_FILES)}
-
-
-@pytest.fixture(autouse=True)
-def isolated_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty HF cache under tmp_path, no token from the environment or a stored login, no Xet."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return cache
 
 
 def get(server: HubServer, ref: str, **options) -> Path:
@@ -65,20 +31,6 @@ def get(server: HubServer, ref: str, **options) -> Path:
 
 def names(folder: Path) -> set[str]:
     return {path.name for path in folder.iterdir()}
-
-
-def subprocess_env(server: HubServer, tmp_path: Path, **extra: str) -> dict[str, str]:
-    home = tmp_path / "hf"
-    return {
-        "HF_ENDPOINT": server.url,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(home / "hub"),
-        "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_XET": "1",
-        "EFM_WEIGHTS_DIR": str(tmp_path / "no-embedded"),  # the capacitors shipped in weights/ stay out of it
-        **extra,
-    }
 
 
 def test_first_download_then_cache_hit_makes_no_file_request(hub_server: HubServer) -> None:
@@ -282,7 +234,7 @@ def test_registry_lists_and_resolves_cached_capacitors(hub_server: HubServer, mo
 
 CLI_FROM_PRETRAINED = """
 import sys
-from efm_cli.capacitor import Capacitor
+from efm_cli.capacitor.model import Capacitor
 capacitor = Capacitor.from_pretrained(sys.argv[1])
 print(capacitor.source, capacitor.target, sum(p.numel() for p in capacitor.network.parameters()))
 print(capacitor.push_to_hub("erin/copy", private=True))
@@ -479,3 +431,15 @@ def test_a_refused_lfs_upload_is_explained_like_any_refusal(hub_server: HubServe
     hub_server.fail("PUT", LFS_PUT, 403)
     with pytest.raises(hub.HubError, match=r"^access to bob/h2z refused by http://127\.0\.0\.1:\d+ \(HTTP 403\)$"):
         hub.push(make_run(tmp_path), "bob/h2z", token=TOKEN, endpoint=hub_server.url)
+
+
+@pytest.mark.parametrize("ref", ["user/..", "../name", "./name", "user/name@..", "user/name@../x", "user/...@v1"])
+def test_dot_names_are_no_hub_reference_and_never_reach_the_cache(
+    ref: str, hub_server: HubServer, isolated_hub: Path
+) -> None:
+    """The cache stores `user/name` under a folder built from its parts: a `..` part would point outside it."""
+    assert hub.parse_hub_ref(ref) is None
+    with pytest.raises(hub.HubError, match="is not a Hub reference"):
+        get(hub_server, ref)
+    assert not isolated_hub.exists() or not any(isolated_hub.rglob("*"))
+    assert hub_server.requests() == []

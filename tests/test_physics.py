@@ -1,7 +1,7 @@
 """End to end physics: held-out source samples carried along the exact minibatch field land on the target.
 
 No network is involved: the field at every point is the target a capacitor is trained on, computed from a minibatch
-of charges (method.md §2.3, §6.2), and the integrator follows its lines between the plates L = 6 apart. The 2-D toy
+of charges (docs/method.md §3), and the integrator follows its lines between the plates L = 6 apart. The 2-D toy
 pairs are those of the papers' notebooks. Landing points are compared with fresh target samples by energy distance,
 against the noise floor: the energy distance between two independent target samples of the same size. Both sides of
 that comparison are averaged over several fresh samples, so that one unlucky draw decides nothing.
@@ -89,7 +89,7 @@ def test_coulomb_field_lands_every_line_on_the_target_charges() -> None:
 
     They do not reproduce the target distribution within 3× the noise floor (measured 5–10×): half of the flux
     leaves the small source plate backwards and reaches the outer sides of the clusters around the outside of the
-    capacitor, and the practical algorithm, ours and the papers', starts every line forwards (method.md §1.2). What
+    capacitor, and the practical algorithm, ours and the papers', starts every line forwards (docs/method.md §1). What
     is asserted is what forward lines do get right, and an energy distance far below that of no transport at all.
     """
     gen = torch.Generator().manual_seed(0)

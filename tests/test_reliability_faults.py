@@ -18,17 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Run
+from conftest import Run, capacitor_files, losses, one_error_line, shapes, tree
 from hub_server import HubServer
 from PIL import Image
-from test_hub import capacitor_files, isolated_hub  # noqa: F401  (an autouse fixture: an empty HF cache)
-from test_train import losses, shapes
-from test_translate import make_capacitor
 
-from efm_cli import checkpoint, hub
-from efm_cli.cli import main
+from efm_cli.capacitor import hub
+from efm_cli.cli.app import main
+from efm_cli.training import checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_hub")
 
 FAST = {"OMP_NUM_THREADS": "1"}
 TRANSLATE = ("--solver", "euler", "--steps", "2", "--batch-size", "1", "-q")
@@ -37,7 +35,9 @@ resume need each image integrated on its own (with larger batches outputs may di
 
 KILLER = """
 import contextlib, os, signal, sys
-from efm_cli import checkpoint, cli, images, train
+from efm_cli import images
+from efm_cli.cli import app
+from efm_cli.training import checkpoint, step
 
 point, at = sys.argv[1], int(sys.argv[2])
 
@@ -79,14 +79,9 @@ elif point == "checkpoint-file":
 elif point == "checkpoint-rename":
     wrap(checkpoint, "_fsync_dir", lambda path: die())
 elif point == "after-step":
-    wrap(train.Trainer, "step_on", lambda *args: None)
-sys.exit(cli.main(sys.argv[3:]))
+    wrap(step.Trainer, "step_on", lambda *args: None)
+sys.exit(app.main(sys.argv[3:]))
 """
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file under root, hidden ones included, by relative path."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def noise_images(folder: Path, count: int, size: tuple[int, int] = (20, 20)) -> Path:
@@ -96,18 +91,6 @@ def noise_images(folder: Path, count: int, size: tuple[int, int] = (20, 20)) -> 
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(sub / f"img{i:03d}.png")
     return folder
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_capacitor().save_pretrained(tmp_path_factory.mktemp("weights") / "h2z")
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:] and " — " in lines[-1], stderr
-    assert "Traceback" not in stderr
-    return lines[-1]
 
 
 # --- translate -------------------------------------------------------------------------------------------------

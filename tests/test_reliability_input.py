@@ -16,22 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_error_line, shapes, tree
 from PIL import Image
-from test_train import shapes
-from test_translate import make_capacitor
 
-from efm_cli.cli import main
+from efm_cli.cli.app import main
 
 FAST_SOLVER = ("--solver", "euler", "--steps", "2")
 TRAIN = ["--size", "16", "--network", "tiny", "--charges", "4", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_capacitor().save_pretrained(tmp_path_factory.mktemp("weights") / "h2z")
 
 
 def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -114,18 +108,6 @@ def make_inputs(root: Path) -> Path:
     return root
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_error_line(err: str) -> str:
-    """The error line, after checking it is the only one, the last one, and has its hint; no traceback."""
-    lines = err.strip().splitlines()
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:] and " — " in lines[-1], err
-    assert "Traceback" not in err
-    return lines[-1]
-
-
 def test_translate_skips_each_unreadable_file_with_its_reason_and_translates_every_other_kind(
     tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -133,7 +115,7 @@ def test_translate_skips_each_unreadable_file_with_its_reason_and_translates_eve
     out = root / "modes" / "out"  # inside the input tree, and already holding a picture: never read as input
     out.mkdir()
     _noise(9, 9).save(out / "leftover.png")
-    before = _tree(root)
+    before = tree(root)
     code = main(["translate", str(root), "--model", str(model), "--out", str(out), "--json", *FAST_SOLVER])
     captured = capsys.readouterr()
     assert code == 3, captured.err
@@ -155,7 +137,7 @@ def test_translate_skips_each_unreadable_file_with_its_reason_and_translates_eve
     with Image.open(root / "modes/la.png") as source, Image.open(out / "modes/la.png") as written:
         assert np.array_equal(np.asarray(source)[:, :, 1], np.asarray(written)[:, :, 3])
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
-    assert _tree(root) == {**before, **{f"modes/out/{k}": v for k, v in _tree(out).items()}}  # inputs untouched
+    assert tree(root) == {**before, **{f"modes/out/{k}": v for k, v in tree(out).items()}}  # inputs untouched
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="running as root: file permissions do not stop root from reading")
@@ -183,13 +165,13 @@ def test_a_folder_without_images_is_one_error_and_writes_nothing(
     if content:
         (root / "deeper" / content).write_text("hello\n")
     code = main(["translate", str(root), "--model", str(model)])
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert code == 1 and line.startswith(f"error: no images found in {root} — ")
     assert not (tmp_path / "in-to-zebra").exists()
     target = shapes(tmp_path / "discs", "disc", 2, 1)
     run = tmp_path / "run"
     code = main(["train", "--source", str(root), "--target", str(target), *TRAIN, "--out", str(run)])
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert code == 1 and line.startswith(f"error: {root} holds no images "), line
     assert not run.exists()
 
@@ -220,6 +202,6 @@ def test_train_refuses_the_same_pictures_on_both_plates(tmp_path: Path, capsys: 
     ]:
         run = tmp_path / "run"
         code = main(["train", "--source", str(photos), "--target", str(target), *TRAIN, "--out", str(run)])
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert code == 2 and line.startswith(f"error: {message} — "), line
         assert not run.exists()

@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Run
+from conftest import Run, capacitor_files, subprocess_env
 from hub_server import TOKEN, HubServer
-from test_hub import capacitor_files, isolated_hub, subprocess_env  # noqa: F401  (an autouse fixture: empty HF cache)
 
-from efm_cli import hub, registry
-from efm_cli.capacitor import Capacitor, CapacitorError
+from efm_cli.capacitor import hub, registry
+from efm_cli.capacitor.format import CapacitorError
+from efm_cli.capacitor.model import Capacitor
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_hub")
 
 
 class _Marker:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,37 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Run
-from PIL import Image, ImageDraw
+from conftest import Run, losses, shapes
+from PIL import Image
 from torch import Tensor
 
-from efm_cli import checkpoint
-from efm_cli.capacitor import Capacitor
-from efm_cli.cli import main
-from efm_cli.datasets import BatchStream, ImageFolder, Preprocessing, batches, domain_names
+from efm_cli.capacitor.model import Capacitor
+from efm_cli.cli.app import main
 from efm_cli.integrator import Solution, integrate
 from efm_cli.network import MLPConfig, MLPField
-from efm_cli.runs import Budget, RunSettings, fit
-from efm_cli.train import EMA, FieldSpec, Schedule, Trainer
+from efm_cli.training import checkpoint
+from efm_cli.training.data import BatchStream, ImageFolder, Preprocessing, batches, domain_names
+from efm_cli.training.run import Budget, RunSettings, SettingsError, fit, new_settings
+from efm_cli.training.step import EMA, FieldSpec, Schedule, Trainer
 
 SIZE = 16
-
-
-def shapes(folder: Path, kind: str, count: int, seed: int) -> Path:
-    """Pictures of red squares or blue discs at random places, of assorted sizes (the loader resizes them)."""
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        side = int(torch.randint(20, 40, (1,), generator=gen))
-        x, y = (int(v) for v in torch.randint(0, side - 10, (2,), generator=gen))
-        image = Image.new("RGB", (side, side), "black")
-        draw = ImageDraw.Draw(image)
-        if kind == "square":
-            draw.rectangle([x, y, x + 9, y + 9], fill=(220, 40, 30))
-        else:
-            draw.ellipse([x, y, x + 9, y + 9], fill=(30, 40, 220))
-        image.save(folder / f"{kind}-{i:03d}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +53,6 @@ def settings(source: Path, target: Path, **changes: object) -> RunSettings:
         sample_steps=4,
     )
     return RunSettings(**{**base, **changes})
-
-
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- schedule, EMA, the step -------------------------------------------------------------------------------------
@@ -111,7 +91,7 @@ def test_loss_is_the_mse_between_the_network_and_the_field_at_the_step_points() 
     loss = trainer.loss(source, target)
     # Same seed, same step: the points are reproducible; recompute the loss from them independently, in float64.
     from efm_cli.field import coulomb_target, sample_points
-    from efm_cli.train import _step_seed
+    from efm_cli.training.step import _step_seed
 
     gen = torch.Generator().manual_seed(_step_seed(3, 0))
     z, x = sample_points(source[:8], target[:8], 6.0, eps=0.1, generator=gen)
@@ -312,6 +292,67 @@ def test_cli_defaults_for_charges_and_tube_width_follow_the_field_and_size(
     assert stored["field"].get("S") == (pytest.approx(width) if width is not None else None)
 
 
+def test_resume_with_more_steps_stretches_the_cosine_to_the_new_end(
+    domains: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    source, target = (str(d) for d in domains)
+    common = ["--size", str(SIZE), "--network", "tiny", "--charges", "8", "--batch-size", "4", "--log-every", "1"]
+    first = ["train", "--source", source, "--target", target, *common, "--warmup", "2", "--steps", "4"]
+    assert main([*first, "--lr-decay", "cosine", "--out", str(run), "-q"]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "10"]) == 0
+    assert "warning: the schedule now ends at step 10 (was 4)" in capsys.readouterr().err
+    settings = json.loads((run / "config.json").read_text())["settings"]
+    assert settings["schedule"]["total"] == 10
+    stretched = Schedule(**settings["schedule"])
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 11))
+    # Steps 5..10 follow the 10-step cosine, well above the floor where the 4-step schedule had already ended.
+    assert [r["lr"] for r in logged[4:]] == pytest.approx([stretched.lr_at(k) for k in range(4, 10)])
+    assert logged[4]["lr"] > 2 * stretched.lr * stretched.final
+    assert main(["train", "--resume", str(run), "--steps", "6"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {run} is already at step 10, past the 6 steps asked for")
+    assert sum(line.startswith("error:") for line in lines) == 1 and "warning" not in "".join(lines)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_again(
+    domains: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    source, target = (str(d) for d in domains)
+    common = ["--size", str(SIZE), "--network", "tiny", "--charges", "8", "--batch-size", "4", "--steps", "2"]
+    assert main(["train", "--source", source, "--target", target, *common, "--out", str(run), "-q"]) == 0
+    shutil.rmtree(run / "checkpoints")
+    assert main(["train", "--resume", str(run)]) == 0
+    assert f"warning: {run / 'checkpoints'} holds no checkpoint: the run starts again from step 0" in (
+        capsys.readouterr().err
+    )
+
+
+def test_python_callers_get_the_command_lines_settings_rules(domains: tuple[Path, Path]) -> None:
+    source, target = (str(d) for d in domains)
+    settings = new_settings(source, target, size=32, field="tube")
+    assert (settings.charges, settings.field.L, settings.field.S) == (256, 20.0, 5.0)
+    assert settings.schedule.total == 20000 and settings.schedule.decay == "cosine"
+    assert new_settings(source, target, field="coulomb").field.L == 10.0
+    for bad, message in (
+        ({"size": 20}, "--size 20 is not a multiple of 8"),
+        ({"charges": 8, "points": 16}, "--charges 8 is below --batch-size 16"),
+        ({"source_name": "x", "target_name": "x"}, "both plates would be called 'x'"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            new_settings(source, target, **bad)
+    with pytest.raises(SettingsError, match="the same"):
+        new_settings(source, source)
+
+
+def test_run_configs_from_before_the_mode_rename_still_resume() -> None:
+    old = settings(Path("a"), Path("b"), field=FieldSpec(mode="phys")).to_json()
+    old["field"]["target"] = old["field"].pop("mode")
+    assert RunSettings.from_json(old).field.mode == "phys"
+
+
 def test_cli_ctrl_c_checkpoints_at_a_step_boundary_and_resume_matches(
     run_efm: Run, domains: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -373,12 +414,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
 
 
 def toy_capacitor(kind: str, steps: int) -> tuple[MLPField, FieldSpec]:
-    """Train the toy MLP on Gaussian → two-Gaussian mixture (the papers' first toy, method.md §2.5); the EMA net."""
+    """Train the toy MLP on Gaussian → two-Gaussian mixture (the papers' first toy); the EMA net."""
     from test_physics import gaussian, two_gaussians
 
     torch.manual_seed(0)
     L = 6.0
-    spec = FieldSpec(kind=kind, L=L, eps=0.05, plan="ot", S=1.0, target="phys")  # type: ignore[arg-type]
+    spec = FieldSpec(kind=kind, L=L, eps=0.05, plan="ot", S=1.0, mode="phys")  # type: ignore[arg-type]
     config = MLPConfig(dim=2, width=128, depth=3, L=L)
     schedule = Schedule(lr=2e-3, warmup=50, decay="cosine", total=steps, ema=0.99)
     trainer = Trainer(MLPField(config), spec, schedule, points=128)

@@ -1,92 +1,23 @@
 """The translation pipeline as a library: planning the output tree, reading every kind of input, writing safely."""
 
-import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import climbing_capacitor
+from conftest import BAD, GOOD, digests, make_capacitor, make_tree, noise_pixels, stamps
 from PIL import Image
 from torch import Tensor, nn
 
 from efm_cli import devices
 from efm_cli import translate as tr
-from efm_cli.capacitor import Capacitor, new_config
+from efm_cli.capacitor.model import Capacitor
 from efm_cli.images import load, to_tensor
-from efm_cli.network import preset
 
 SIZE = 16
-GOOD = {
-    "photo.jpg": (24, 18),
-    "a/alpha.png": (20, 26),
-    "a/grey.png": (17, 17),
-    "a/b/deep16.png": (30, 12),
-    "a/b/web.webp": (22, 22),
-    "rotated.jpg": (20, 30),  # stored 30×20 with EXIF orientation 6: upright it is 20 wide, 30 high
-}
-BAD = {"a/empty.jpg": "empty file", "a/b/cut.jpg": "truncated or corrupt", "notes.png": "not an image"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_capacitor(source: str = "horse", target: str = "zebra", channels: int = 3) -> Capacitor:
-    """A tiny random capacitor whose field climbs everywhere (f_z > 0) and moves images a little."""
-    config = new_config(
-        source=source,
-        target=target,
-        network=preset("tiny", channels=channels, size=SIZE, L=6.0).to_dict(),
-        field={"kind": "tube", "L": 6.0, "S": 1.0},
-        size=SIZE,
-        channels=channels,
-        sampler={"solver": "dopri5", "rtol": 1e-2, "atol": 1e-2},
-    )
-    return climbing_capacitor(config)
-
-
-def _pixels(width: int, height: int, channels: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    shape = (height, width, channels) if channels > 1 else (height, width)
-    return rng.integers(0, 256, shape, dtype=np.uint8)
-
-
-def make_tree(root: Path) -> Path:
-    """Nested folders of every kind of input the issue lists, good and bad."""
-    for name in [*GOOD, *BAD]:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_pixels(24, 18, 3, 1)).save(root / "photo.jpg", quality=90)
-    Image.fromarray(_pixels(20, 26, 4, 2), "RGBA").save(root / "a/alpha.png")
-    Image.fromarray(_pixels(17, 17, 1, 3), "L").save(root / "a/grey.png")
-    deep = (_pixels(30, 12, 1, 4).astype(np.uint16) * 257).astype(np.uint16)
-    Image.fromarray(deep).save(root / "a/b/deep16.png")
-    Image.fromarray(_pixels(22, 22, 3, 5)).save(root / "a/b/web.webp")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(_pixels(30, 20, 3, 6)).save(root / "rotated.jpg", exif=exif)
-    (root / "a/empty.jpg").write_bytes(b"")
-    whole = io.BytesIO()
-    Image.fromarray(_pixels(40, 40, 3, 7)).save(whole, format="JPEG")
-    (root / "a/b/cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
-    (root / "notes.png").write_text("not an image at all\n")
-    return root
-
-
-def digests(root: Path) -> dict[str, str]:
-    """Content hash of every file under root, by relative path."""
-    return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
-
-
-def stamps(root: Path) -> dict[str, tuple[int, int]]:
-    """(inode, mtime in ns) of every file under root: a rewrite changes one or the other."""
-    return {
-        path.relative_to(root).as_posix(): (path.stat().st_ino, path.stat().st_mtime_ns) for path in root.rglob("*")
-    }
 
 
 def outputs(plan: tr.Plan) -> dict[str, str]:
@@ -106,7 +37,7 @@ def test_one_folder_lands_directly_in_out_and_the_default_out_is_beside_it(tmp_p
 def test_files_globs_and_several_inputs_keep_their_names(tmp_path: Path) -> None:
     horses = make_tree(tmp_path / "horses")
     (tmp_path / "more").mkdir()
-    Image.fromarray(_pixels(8, 8, 3, 9)).save(tmp_path / "more" / "x.png")
+    Image.fromarray(noise_pixels(8, 8, 3, 9)).save(tmp_path / "more" / "x.png")
     one = tr.plan([str(horses / "photo.jpg")], domain="zebra")
     assert outputs(one) == {f"{horses}/photo.jpg": f"{tmp_path}/horses/photo-to-zebra/photo.jpg"}
     several = tr.plan([str(horses), str(tmp_path / "more"), str(horses / "a/grey.png")], domain="zebra", out="o")
@@ -139,7 +70,7 @@ def test_outputs_inside_the_input_tree_are_never_read_back(tmp_path: Path) -> No
 def test_plans_that_would_touch_inputs_or_clash_are_refused(tmp_path: Path) -> None:
     horses = make_tree(tmp_path / "horses")
     (tmp_path / "other" / "a").mkdir(parents=True)
-    Image.fromarray(_pixels(8, 8, 3, 9)).save(tmp_path / "other" / "photo.jpg")
+    Image.fromarray(noise_pixels(8, 8, 3, 9)).save(tmp_path / "other" / "photo.jpg")
     with pytest.raises(tr.PlanError, match="is the input folder"):
         tr.plan([str(horses)], domain="zebra", out=horses)
     with pytest.raises(tr.PlanError, match="would overwrite an input"):
@@ -217,7 +148,7 @@ def test_both_directions_and_inline_workers_give_the_same_outputs(tmp_path: Path
 def test_a_grey_capacitor_sees_luminance_and_writes_rgb(tmp_path: Path) -> None:
     horses = tmp_path / "horses"
     horses.mkdir()
-    Image.fromarray(_pixels(20, 12, 3, 8)).save(horses / "colour.png")
+    Image.fromarray(noise_pixels(20, 12, 3, 8)).save(horses / "colour.png")
     plan = tr.plan([str(horses)], domain="zebra")
     report = tr.translate_files(make_capacitor(channels=1), plan.jobs, direction="forward")
     assert report.count("translated") == 1
@@ -313,7 +244,7 @@ def test_devices() -> None:
 
 
 def test_open_capacitor_by_domain_picks_the_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from efm_cli import registry
+    from efm_cli.capacitor import registry
 
     make_capacitor().save_pretrained(tmp_path / "h2z")
     monkeypatch.setenv("EFM_WEIGHTS_DIR", str(tmp_path))

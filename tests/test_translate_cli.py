@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import BAD, GOOD, digests, make_capacitor, make_tree, stamps
 from PIL import Image
-from test_translate import BAD, GOOD, digests, make_capacitor, make_tree, stamps
 from typer.testing import CliRunner
 
-from efm_cli.cli import app, main
+from efm_cli.cli.app import app, main
 
 FAST = {"OMP_NUM_THREADS": "1"}
 """Tiny networks on a shared machine: one OpenMP thread is much faster than two fighting for a core."""
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A weights folder holding one horse↔zebra capacitor, `h2z`."""
     make_capacitor().save_pretrained(tmp_path / "weights" / "h2z")
-    from efm_cli import registry
+    from efm_cli.capacitor import registry
 
     monkeypatch.setenv("EFM_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setattr(registry, "known", registry.embedded)  # this machine's HF cache stays out of it
@@ -37,7 +37,7 @@ def invoke(*args: str) -> tuple[int, str, str]:
 def test_help_does_not_import_heavy_modules(run_python) -> None:
     code = """
 import contextlib, io, json, sys
-from efm_cli.cli import main
+from efm_cli.cli.app import main
 with contextlib.redirect_stdout(io.StringIO()) as shown:
     code = main(["translate", "--help"])
 heavy = ("torch", "torchvision", "numpy", "scipy", "PIL", "huggingface_hub", "safetensors")

@@ -11,7 +11,7 @@ from conftest import Run
 from PIL import Image
 from safetensors.torch import load_file
 
-from efm_cli.capacitor import Capacitor
+from efm_cli.capacitor.model import Capacitor
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = sorted(p for p in (ROOT / "weights").iterdir() if p.is_dir())

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from efm_cli.errors import EfmError
 from efm_cli.images import ImageError, find_images, load, to_tensor
 
 ResizeMode = Literal["resize", "crop"]
@@ -26,7 +27,7 @@ CYCLEGAN_SPLITS = ("trainA", "trainB")
 NOISE = "noise"
 
 
-class DataError(Exception):
+class DataError(EfmError):
     """Training data that cannot be used; the message names the folder or file."""
 
 

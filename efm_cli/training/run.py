@@ -1,9 +1,9 @@
 """A training run on disk: settings, checkpoints, metrics, sample grids, the loss plot and the exported capacitor.
 
-`fit` drives a `Trainer` over two folders (or noise) and owns the run folder of product.md:
+`fit` drives a `Trainer` over two folders (or noise) and owns the run folder (README, "Training a capacitor"):
 
     RUN/config.json         the run's settings (read back by --resume)
-    RUN/checkpoints/        step-XXXXXXXX/ folders and `latest` (see efm_cli.checkpoint)
+    RUN/checkpoints/        step-XXXXXXXX/ folders and `latest` (see efm_cli.training.checkpoint)
     RUN/samples/            step-XXXXXXXX.png: source images above their translations, with the EMA weights
     RUN/metrics.jsonl       one JSON line per logging step
     RUN/loss.png            the loss curve
@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,46 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from efm_cli import __version__, checkpoint, console, devices
-from efm_cli.capacitor import SAMPLE_NAME, Capacitor, new_config
-from efm_cli.datasets import NOISE, BatchStream, DataError, ImageFolder, Preprocessing, batches
-from efm_cli.errors import HintedError
+from efm_cli import __version__, devices
+from efm_cli.capacitor.format import SAMPLE_NAME, SIZE_RULE, new_config, size_ok
+from efm_cli.capacitor.model import Capacitor
+from efm_cli.devices import Precision
+from efm_cli.errors import EfmError, UsageError
 from efm_cli.files import atomic_path, write_json
 from efm_cli.images import save_atomic
 from efm_cli.integrator import integrate
 from efm_cli.network import build, preset
-from efm_cli.train import FieldSpec, Precision, Schedule, Shard, Trainer
+from efm_cli.training import checkpoint
+from efm_cli.training.data import (
+    NOISE,
+    BatchStream,
+    DataError,
+    ImageFolder,
+    Preprocessing,
+    ResizeMode,
+    batches,
+    cyclegan_folders,
+    domain_names,
+)
+from efm_cli.training.step import (
+    DEFAULT_CHARGES,
+    DEFAULT_L,
+    CoulombMode,
+    Decay,
+    FieldKind,
+    FieldSpec,
+    Pairing,
+    Schedule,
+    Scheme,
+    Share,
+    Trainer,
+    default_tube_width,
+)
 
 RUN_FORMAT = "efm-run"
 
 
-class RunError(HintedError):
+class RunError(EfmError):
     """A run folder or settings that cannot be used; the message says why and `hint` what to do."""
 
 
@@ -75,19 +101,141 @@ class RunSettings:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSettings:
+        field = dict(data["field"])
+        if "target" in field:  # runs written before the Coulomb target mode was called `mode`
+            field["mode"] = field.pop("target")
         return cls(
             **{
                 **data,
                 "prep": Preprocessing(**data["prep"]),
-                "field": FieldSpec(**data["field"]),
+                "field": FieldSpec(**field),
                 "schedule": Schedule(**data["schedule"]),
             }
         )
 
 
+DEFAULT_STEPS = 20000
+"""Steps of a run when nobody says otherwise."""
+
+
+class SettingsError(UsageError):
+    """Run settings that contradict each other or the data as given (the command line exits 2)."""
+
+
+def new_settings(
+    source: str | None,
+    target: str | None,
+    *,
+    source_name: str | None = None,
+    target_name: str | None = None,
+    size: int = 64,
+    resize: ResizeMode = "resize",
+    hflip: bool = True,
+    field: FieldKind = "tube",
+    L: float | None = None,
+    plan: Pairing = "ot",
+    mode: CoulombMode = "repo",
+    gamma: float = 5.0,
+    S: float | None = None,
+    scheme: Scheme = "uniform",
+    network: str = "small",
+    points: int = 32,
+    charges: int | None = None,
+    lr: float = 2e-4,
+    warmup: int = 1000,
+    decay: Decay = "cosine",
+    ema: float = 0.9999,
+    precision: Precision = "fp32",
+    seed: int = 0,
+    steps: int | None = None,
+    log_every: int = 10,
+    checkpoint_every: int = 500,
+    sample_every: int = 500,
+) -> RunSettings:
+    """The settings of a new run between two folders, with efm's defaults, checked against each other.
+
+    `source` may be a CycleGAN-style folder (trainA/, trainB/) when `target` is None, and either plate may be
+    `noise`. Unset L, charges and tube width S take the defaults of the field kind; unset plate names come from
+    the folders. Every rule that `efm train` enforces is here, so that a Python caller gets the same ones.
+    """
+    if source is None:
+        raise SettingsError("nothing to train on", "pass --source A --target B, or --resume RUN")
+    root = None
+    if target is None:
+        layout = cyclegan_folders(Path(source)) if source != NOISE else None
+        if layout is None:
+            raise SettingsError("--target is missing", f"{source} has no trainA/ and trainB/ folders to use instead")
+        root = Path(source)
+        source, target = str(layout[0]), str(layout[1])
+    for folder in (source, target):
+        if folder != NOISE and not Path(folder).is_dir():
+            raise RunError(f"{folder} is not a folder", "pass folders of images (or 'noise' as the source)")
+    if source == target or (NOISE not in (source, target) and Path(source).resolve() == Path(target).resolve()):
+        raise SettingsError("--source and --target are the same", "a capacitor needs two different domains")
+    if NOISE not in (source, target):
+        # Folders are searched recursively: a plate inside the other would put its pictures on both plates.
+        for inner, outer, inner_flag, outer_flag in (
+            (target, source, "--target", "--source"),
+            (source, target, "--source", "--target"),
+        ):
+            if Path(inner).resolve().is_relative_to(Path(outer).resolve()):
+                raise SettingsError(
+                    f"{inner_flag} {inner} is inside {outer_flag} {outer}",
+                    "pass two separate folders: the outer one is searched recursively",
+                )
+    if not size_ok(size):
+        raise SettingsError(f"--size {size} is not {SIZE_RULE}", "use 32, 64, 128 or 256")
+    charges = charges if charges is not None else DEFAULT_CHARGES[field]
+    if charges < points:
+        raise SettingsError(f"--charges {charges} is below --batch-size {points}", "points lie between charges")
+    names = domain_names(source, target, root)
+    source_name, target_name = source_name or names[0], target_name or names[1]
+    if source_name == target_name:
+        raise SettingsError(
+            f"both plates would be called {source_name!r}", "name them with --source-name and --target-name"
+        )
+    try:
+        spec = FieldSpec(
+            kind=field,
+            L=L if L is not None else DEFAULT_L[field],
+            mode=mode,
+            gamma=gamma,
+            S=S if S is not None else default_tube_width(size),
+            scheme=scheme,
+            plan=plan,
+        )
+        schedule = Schedule(lr=lr, warmup=warmup, decay=decay, total=steps or DEFAULT_STEPS, ema=ema)
+    except ValueError as error:
+        raise SettingsError(str(error), "see 'efm train --help'") from error
+    return RunSettings(
+        source=source,
+        target=target,
+        source_name=source_name,
+        target_name=target_name,
+        prep=Preprocessing(size=size, resize=resize, hflip=hflip),
+        field=spec,
+        schedule=schedule,
+        network=network,
+        charges=charges,
+        points=points,
+        seed=seed,
+        precision=precision,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        sample_every=sample_every,
+    )
+
+
+def with_steps(settings: RunSettings, steps: int) -> RunSettings:
+    """The settings of a run whose schedule now ends at `steps`: the cosine decay is stretched (or shrunk) to
+    the new length, so the steps added to a resumed run are not all spent at the floor learning rate."""
+    return replace(settings, schedule=replace(settings.schedule, total=steps))
+
+
 @dataclass
 class Budget:
-    """When this session stops: after `steps` in total, or `minutes` of wall time, whichever comes first."""
+    """When this session stops: at step `steps` (never past the schedule's end, which is the default), or after
+    `minutes` of wall time, whichever comes first."""
 
     steps: int | None = None
     minutes: float | None = None
@@ -311,13 +459,21 @@ def fit(
     device: str = "auto",
     workers: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    warn: Callable[[str], None] = lambda message: None,
 ) -> Summary:
-    """Train (or continue) the run in `run` until the budget is spent; export its capacitor to RUN/model."""
+    """Train (or continue) the run in `run` until the budget or the schedule ends; export RUN/model.
+
+    A resumed run takes `settings` as they are now (its schedule's length may have changed, see `with_steps`) and
+    stores them back in RUN/config.json. `on_progress` gets every logging step and `warn` what the user should know
+    about (a resume without checkpoint, a stop request).
+    """
     # Adam's second moments and late gradients reach subnormal floats, which x86 CPUs process many times slower.
     torch.set_flush_denormal(True)
+    if budget.steps is None and settings.schedule.total is None:
+        raise SettingsError("this run would never end", "give the schedule a total or the budget a number of steps")
     dist = _Distributed(devices.choose(device))
     try:
-        return _fit(settings, run, dist, budget, resume, workers, on_progress)
+        return _fit(settings, run, dist, budget, resume, workers, on_progress, warn)
     finally:
         dist.close()
 
@@ -330,6 +486,7 @@ def _fit(
     resume: bool,
     workers: int | None,
     on_progress: Callable[[Progress], None] | None,
+    warn: Callable[[str], None],
 ) -> Summary:
     started = time.monotonic()
     device = dist.device
@@ -349,7 +506,7 @@ def _fit(
     model: nn.Module = network
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
-    shard = Shard(dist.rank, dist.world)
+    share = Share(dist.rank, dist.world)
     trainer = Trainer(
         network,
         settings.field,
@@ -358,7 +515,7 @@ def _fit(
         seed=settings.seed,
         precision=settings.precision,
         model=model,
-        shard=shard,
+        share=share,
     )
     checkpoints = run / "checkpoints"
     if resume:
@@ -367,7 +524,20 @@ def _fit(
             tensors, meta = checkpoint.load(found)
             trainer.load_state(tensors, meta)
             started -= float(meta.get("elapsed_s", 0.0))
-    elif dist.main:
+        else:
+            warn(f"{checkpoints} holds no checkpoint: the run starts again from step 0")
+    total = settings.schedule.total
+    if total is not None and trainer.step > total:
+        raise SettingsError(
+            f"{run} is already at step {trainer.step}, past the {total} steps asked for",
+            f"resume with --steps above {trainer.step}, or without --steps",
+        )
+    if resume and dist.main:
+        before = read_settings(run).schedule.total
+        if before != total:
+            warn(f"the schedule now ends at step {total} (was {before}): the learning rate follows the new length")
+    end = min(step for step in (budget.steps, total) if step is not None)
+    if dist.main:
         write_settings(run, settings)
     metrics = _Metrics(run / "metrics.jsonl", trainer.step, dist.main)
     smoothed = metrics.smoothed
@@ -401,11 +571,11 @@ def _fit(
     data = batches(
         *streams,
         start=trainer.step,
-        rows=shard.rows(settings.charges),
+        rows=share.rows(settings.charges),
         workers=_workers(workers, source_data, target_data),
     )
-    with _StopOnSignal() as interrupt:
-        while budget.steps is None or trainer.step < budget.steps:
+    with _StopOnSignal(warn) as interrupt:
+        while trainer.step < end:
             out_of_time = budget.minutes is not None and time.monotonic() - session_start >= budget.minutes * 60
             if dist.any(out_of_time or interrupt.requested):
                 stopped = "interrupted" if interrupt.requested else "time"
@@ -426,7 +596,7 @@ def _fit(
                 rate = session_steps / max(time.monotonic() - session_start, 1e-9)
                 record = Progress(
                     step=trainer.step,
-                    total=budget.steps,
+                    total=total,
                     loss=loss,
                     smoothed=smoothed if smoothed is not None else math.nan,
                     grad_norm=grad,
@@ -469,7 +639,8 @@ class _StopOnSignal:
     """The first Ctrl-C (or SIGTERM) asks the loop to stop after the current step, so that the checkpoint it then
     writes is a step boundary; a second one interrupts at once, leaving the previous checkpoint as it was."""
 
-    def __init__(self) -> None:
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.warn = warn
         self.requested = False
         self.previous: dict[int, Any] = {}
 
@@ -477,7 +648,7 @@ class _StopOnSignal:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        console.warn("stopping after this step (press Ctrl-C again to stop at once, without saving)")
+        self.warn("stopping after this step (press Ctrl-C again to stop at once, without saving)")
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():

@@ -10,16 +10,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 
-from efm_cli import console
-from efm_cli.commands.options import JsonOption, Precision, QuietOption
-from efm_cli.console import EfmError, ExitCode
+from efm_cli.capacitor.format import SOLVER_NAMES
+from efm_cli.cli import console
+from efm_cli.cli.console import ExitCode
+from efm_cli.cli.options import DeviceOption, JsonOption, PrecisionChoice, QuietOption, choices
 
 if TYPE_CHECKING:
     from efm_cli.translate import Record, Report
@@ -29,17 +29,7 @@ SHOWN = 16
 TRACED = 4
 
 
-class Device(StrEnum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class Solver(StrEnum):
-    dopri5 = "dopri5"
-    heun = "heun"
-    euler = "euler"
+SolverChoice = choices("SolverChoice", SOLVER_NAMES)
 
 
 FIXED_STEP = ("heun", "euler")
@@ -84,12 +74,13 @@ def translate_command(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images integrated together.")] = 16,
-    device: Annotated[Device, typer.Option(help="auto: CUDA, then MPS, then the CPU.")] = Device.auto,
+    device: DeviceOption = "auto",
     precision: Annotated[
-        Precision, typer.Option(help="Network precision; a sample that fails in bf16/fp16 is redone in fp32.")
-    ] = Precision.fp32,
+        PrecisionChoice, typer.Option(help="Network precision; a sample that fails in bf16/fp16 is redone in fp32.")
+    ] = PrecisionChoice.fp32,
     solver: Annotated[
-        Solver | None, typer.Option(help="Integrator (default: the capacitor's, usually dopri5).", show_default=False)
+        SolverChoice | None,
+        typer.Option(help="Integrator (default: the capacitor's, usually dopri5).", show_default=False),
     ] = None,
     rtol: Annotated[
         float | None, typer.Option(callback=_positive, help="dopri5 relative tolerance (default: the capacitor's).")
@@ -154,7 +145,7 @@ def translate_command(
         model=model,
         out=out,
         batch_size=batch_size,
-        device=device.value,
+        device=device,
         precision=precision.value,
         solver_options={
             key: value
@@ -170,16 +161,8 @@ def translate_command(
         progress=sys.stderr.isatty() and not json_output and not quiet,
     )
     from efm_cli import translate as pipeline
-    from efm_cli.capacitor import CapacitorError
-    from efm_cli.images import ImageError
 
-    try:
-        code = _run(pipeline, request)
-    except pipeline.PlanError as error:
-        raise EfmError(str(error), error.hint, ExitCode.USAGE) from error
-    except (pipeline.TranslateError, CapacitorError, ImageError) as error:
-        raise EfmError(str(error), getattr(error, "hint", None) or _hint(error)) from error
-    raise typer.Exit(code)
+    raise typer.Exit(_run(pipeline, request))
 
 
 @dataclass(frozen=True)
@@ -208,21 +191,13 @@ def _usage(message: str) -> click.UsageError:
     return click.UsageError(message, ctx=click.get_current_context(silent=True))
 
 
-def _check_solver_flags(solver: Solver | None, steps: int | None, rtol: float | None, atol: float | None) -> None:
+def _check_solver_flags(solver: SolverChoice | None, steps: int | None, rtol: float | None, atol: float | None) -> None:
     """Flags the chosen solver would silently ignore are usage errors."""
     name = solver.value if solver is not None else None
     if steps is not None and name not in FIXED_STEP:
         raise _usage("--steps needs --solver heun or euler")
     if name in FIXED_STEP and (rtol is not None or atol is not None):
         raise _usage(f"--rtol and --atol do not apply to --solver {name}")
-
-
-def _hint(error: Exception) -> str:
-    from efm_cli.images import ImageError
-
-    if isinstance(error, ImageError):
-        return "check the image file"
-    return "check the capacitor folder, or see 'efm models'"
 
 
 def _run(pipeline: Any, request: _Request) -> int:

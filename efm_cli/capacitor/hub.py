@@ -18,13 +18,15 @@ import importlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from efm_cli import __version__
-from efm_cli.capacitor import (
+from efm_cli.capacitor.card import LIBRARY_NAME, render
+from efm_cli.capacitor.format import (
     CARD_NAME,
     CONFIG_NAME,
     SAMPLE_NAME,
@@ -33,7 +35,7 @@ from efm_cli.capacitor import (
     read_config,
     validate,
 )
-from efm_cli.registry import UnknownReference, parse_hub_ref
+from efm_cli.errors import EfmError
 
 ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, SAMPLE_NAME)
 """The files of a capacitor on the Hub; anything else in a repo is never downloaded."""
@@ -41,10 +43,11 @@ ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, SAMPLE_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Weight formats that unpickle on load, which efm never does."""
 
-LIBRARY_NAME = "efm-cli"
+HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+"""`user/name` or `user/name@revision`; a revision may be a branch, a tag or a commit hash."""
 
 
-class HubError(UnknownReference):
+class HubError(EfmError):
     """A Hub reference that could not be turned into a usable local capacitor; `hint` says what to do."""
 
 
@@ -73,6 +76,22 @@ class PushResult:
     url: str
     files: tuple[str, ...]
     changed: bool = True
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) when `ref` has the Hub form, else None.
+
+    A repo or revision made of dots (`user/..`, `user/name@../x`) is no Hub name: the cache would resolve it as a
+    path outside itself.
+    """
+    match = HUB_REF.match(ref)
+    if match is None:
+        return None
+    repo, revision = match["repo"], match["revision"]
+    parts = repo.split("/") + (revision.split("/") if revision else [])
+    if any(part.strip(".") == "" for part in parts):
+        return None
+    return repo, revision
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -409,8 +428,6 @@ def push(
     Creates the repo (private if asked) and the branch `revision` when they do not exist yet. Only the capacitor
     files travel; an existing README.md in the folder is kept, otherwise a model card is generated.
     """
-    from efm_cli.card import render
-
     if parse_hub_ref(repo_id) is None or "@" in repo_id:
         raise HubError(f"{repo_id!r} is not a repo name", "write it as user/name")
     model, sample = locate_capacitor(Path(folder))

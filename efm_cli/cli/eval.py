@@ -1,23 +1,19 @@
-"""`efm eval`: parse the flags, run `efm_cli.evaluate.report`, print a table or one JSON document."""
+"""`efm eval`: parse the flags, run `efm_cli.evaluation.report.report`, print a table or one JSON document."""
 
 from __future__ import annotations
 
 import math
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from efm_cli import console
-from efm_cli.commands.options import JsonOption, QuietOption
-from efm_cli.console import EfmError, ExitCode
+from efm_cli.cli import console
+from efm_cli.cli.console import ExitCode
+from efm_cli.cli.options import DeviceOption, JsonOption, QuietOption, choices
 from efm_cli.files import write_json
 
-
-class Features(StrEnum):
-    classifier = "classifier"
-    inception = "inception"
+Features = choices("Features", ("classifier", "inception"))
 
 
 def eval_command(
@@ -40,7 +36,7 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most N images of each held-out folder.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images translated at once.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(min=0, help="Seed of splits, subsets, noise and the classifier.")] = 0,
     features: Annotated[
         Features,
@@ -70,30 +66,22 @@ def eval_command(
     console.set_quiet(quiet)
     if (train_source is None) != (train_target is None):
         raise typer.BadParameter("give both --train-source and --train-target, or neither")
-    _check_device(device)
 
-    from efm_cli import evaluate
-    from efm_cli.capacitor import CapacitorError
-    from efm_cli.classifier import ClassifierError
+    from efm_cli.evaluation.report import report as evaluate
 
-    try:
-        report = evaluate.report(
-            model,
-            source,
-            target,
-            train_source=train_source,
-            train_target=train_target,
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
-            seed=seed,
-            features=features.value,
-            say=console.info,
-        )
-    except (evaluate.EvalError, CapacitorError) as error:
-        raise EfmError(str(error), getattr(error, "hint", None)) from error
-    except ClassifierError as error:
-        raise EfmError(str(error), "rerun; delete the .eval-cache folder if the cache is damaged") from error
+    report = evaluate(
+        model,
+        source,
+        target,
+        train_source=train_source,
+        train_target=train_target,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        features=features.value,
+        say=console.info,
+    )
     for item in report["classifier"]["skipped"]:
         console.warn(f"classifier training skipped {item['path']}: {item['reason']}")
     for item in report["skipped"]:
@@ -106,13 +94,6 @@ def eval_command(
         _print_table(report)
     if report["skipped"]:
         raise typer.Exit(ExitCode.PARTIAL)
-
-
-def _check_device(name: str) -> None:
-    """Reject a malformed device name as a usage error before anything heavy is imported."""
-    kind, _, index = name.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind in ("auto", "cpu") or not index.isdigit())):
-        raise typer.BadParameter(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", param_hint="--device")
 
 
 def _number(value: float | None, digits: int = 3) -> str:

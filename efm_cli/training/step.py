@@ -1,10 +1,10 @@
 """The training step of a capacitor: points between the plates, the minibatch field there, and a regression onto it.
 
-One step (method.md §2.1, §2.4): pair the two charge batches (by index, or by an exact minibatch OT assignment),
+One step (docs/method.md §4): pair the two charge batches (by index, or by an exact minibatch OT assignment),
 draw points on the first b pair segments, compute the field of all 2B charges at those points, and regress the
 network onto it with Adam, warm-up, gradient clipping and an EMA of the weights. Unlike the official code it runs
 the network once per step, skips a step whose loss or gradient is not finite (and counts it), and never swaps EMA
-weights into the trained ones (method.md §2.7).
+weights into the trained ones (docs/method.md §4).
 
 Randomness is reseeded from (seed, step) at every step, so a run resumed at step k draws exactly what an
 uninterrupted run draws at step k; the checkpoint needs no generator states.
@@ -20,27 +20,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from efm_cli.devices import Precision
 from efm_cli.field import coulomb_target, ot_pairing, sample_points, tube_target
 
 FieldKind = Literal["coulomb", "tube"]
-Plan = Literal["independent", "ot"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Pairing = Literal["independent", "ot"]
+CoulombMode = Literal["repo", "phys"]
+Scheme = Literal["uniform", "pfgm"]
+Decay = Literal["constant", "cosine"]
 
 DEFAULT_L: dict[str, float] = {"coulomb": 10.0, "tube": 20.0}
-"""Plate distances by field kind: L = 10 carried coloured digits well with Coulomb (method.md §9), L = 20 is IFM's."""
+"""Plate distances by field kind (docs/method.md §7)."""
 
 DEFAULT_CHARGES: dict[str, int] = {"coulomb": 64, "tube": 256}
-"""Charges per plate by field kind: EFM's 64, IFM's 256. With the tube field and an OT plan, 256 charges pair
-coloured twos with threes of nearly their colour (README: after 1000 steps, hue error 1.9° against 2.6° with 64,
-and with 64 it grew to 8.1° by step 4000)."""
+"""Charges per plate by field kind: EFM's 64, IFM's 256; more charges give the OT plan more choice
+(docs/method.md §7, README's digits table)."""
 
 
 def default_tube_width(size: int, channels: int = 3) -> float:
-    """S grown with the typical distance between paired images (∝ √D, method.md §6.2) from 5 at 32×32 RGB.
-
-    On coloured digits S = 5 translated 99% of the twos in 1000 steps and S = 10 only 54%: a width much above the
-    pair distances averages the directions of many tubes and the lines barely move.
-    """
+    """S grown with the typical distance between paired images (∝ √D, docs/method.md §7) from 5 at 32×32 RGB: a
+    width far above the pair distances averages the directions of many tubes and the lines barely move."""
     return 5.0 * math.sqrt(channels * size * size / (3 * 32 * 32))
 
 
@@ -51,12 +50,12 @@ class FieldSpec:
     kind: FieldKind = "tube"
     L: float = 20.0
     eps: float = 1e-3
-    target: Literal["repo", "phys"] = "repo"
+    mode: CoulombMode = "repo"
     gamma: float = 5.0
     S: float = 10.0
     K: float | None = None
-    scheme: Literal["uniform", "pfgm"] = "uniform"
-    plan: Plan = "ot"
+    scheme: Scheme = "uniform"
+    plan: Pairing = "ot"
 
     def __post_init__(self) -> None:
         if self.kind not in ("coulomb", "tube"):
@@ -70,23 +69,23 @@ class FieldSpec:
         """The capacitor's `field` section: only what applies to this kind."""
         shared = {"kind": self.kind, "L": self.L, "eps": self.eps, "scheme": self.scheme, "plan": self.plan}
         if self.kind == "coulomb":
-            return {**shared, "target": self.target, "gamma": self.gamma}
+            return {**shared, "mode": self.mode, "gamma": self.gamma}
         return {**shared, "S": self.S, "K": self.K if self.K is not None else math.pi / self.L}
 
     def target_at(self, z: Tensor, x: Tensor, source: Tensor, target: Tensor) -> Tensor:
         """The field target [b, 1 + D] at points (z, x), from charge batches paired row by row."""
         if self.kind == "coulomb":
-            return coulomb_target(z, x, source, target, self.L, mode=self.target, gamma=self.gamma)
+            return coulomb_target(z, x, source, target, self.L, mode=self.mode, gamma=self.gamma)
         return tube_target(z, x, source, target, self.L, S=self.S, K=self.K)
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Optimiser settings (method.md §2.4); `total` enables the cosine decay to `final` × lr."""
+    """Optimiser settings (docs/method.md §4); `total` enables the cosine decay to `final` × lr."""
 
     lr: float = 2e-4
     warmup: int = 1000
-    decay: Literal["constant", "cosine"] = "constant"
+    decay: Decay = "constant"
     total: int | None = None
     final: float = 0.1
     clip: float = 1.0
@@ -134,7 +133,7 @@ class StepStats:
 
 
 @dataclass
-class Shard:
+class Share:
     """This process's part of a data-parallel step: its rows of the points, and how to gather charges."""
 
     rank: int = 0
@@ -164,11 +163,11 @@ class Trainer:
         seed: int = 0,
         precision: Precision = "fp32",
         model: nn.Module | None = None,
-        shard: Shard | None = None,
+        share: Share | None = None,
     ) -> None:
         self.network, self.spec, self.schedule, self.points, self.seed = network, spec, schedule, points, seed
         self.model = model if model is not None else network
-        self.shard = shard or Shard()
+        self.share = share or Share()
         self.device = next(network.parameters()).device
         self.precision = precision if self.device.type == "cuda" else "fp32"
         self.optimizer = torch.optim.Adam(network.parameters(), lr=schedule.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -192,7 +191,7 @@ class Trainer:
         z, x = sample_points(
             source[:b], target[:b], self.spec.L, scheme=self.spec.scheme, eps=self.spec.eps, generator=gen
         )
-        rows = self.shard.rows(b)
+        rows = self.share.rows(b)
         z, x = z[rows], x[rows]
         with torch.no_grad():
             wanted = self.spec.target_at(z, x, source, target)
@@ -234,17 +233,17 @@ class Trainer:
 
     def _mean(self, value: Tensor) -> float:
         """The step's loss over all processes (each holds the mean over its share of the points)."""
-        if self.shard.world > 1:
+        if self.share.world > 1:
             import torch.distributed as dist
 
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.shard.world
+            value /= self.share.world
         return float(value)
 
     def _everywhere(self, flag: Tensor) -> bool:
         """True only if the flag holds on every process, so that all ranks skip a step together."""
-        if self.shard.world > 1:
+        if self.share.world > 1:
             import torch.distributed as dist
 
             flag = flag.to(torch.int32)

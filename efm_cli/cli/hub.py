@@ -1,6 +1,7 @@
-"""`efm models`, `efm download`, `efm push`: the Hub commands, thin shells over `efm_cli.registry` and `efm_cli.hub`.
+"""`efm models`, `efm download`, `efm push`: the Hub commands, thin shells over `efm_cli.capacitor.registry` and
+`efm_cli.capacitor.hub`.
 
-Nothing heavy is imported at module level: the library modules (which pull in torch and huggingface_hub) load
+Nothing heavy is imported at module level: the library modules (which pull in huggingface_hub) load
 inside each command, so `efm --help` stays fast.
 """
 
@@ -12,16 +13,16 @@ from typing import Annotated, Any
 
 import typer
 
-from efm_cli import console
-from efm_cli.commands.options import JsonOption, QuietOption
-from efm_cli.console import EfmError
+from efm_cli.cli import console
+from efm_cli.cli.options import JsonOption, QuietOption
+from efm_cli.errors import EfmError
 
 _REPO_HELP = "Hub repo to publish to, as USER/NAME (created if missing)."
 
 
 def _repo_name(value: str) -> str:
     """Typer callback: a bad --repo is a usage error (exit 2), caught before anything is read or sent."""
-    from efm_cli.registry import parse_hub_ref
+    from efm_cli.capacitor.hub import parse_hub_ref
 
     parsed = parse_hub_ref(value)
     if parsed is None or parsed[1] is not None:
@@ -56,13 +57,9 @@ def _without_empty_commit_warning() -> None:
         handler.addFilter(lambda record: not record.getMessage().startswith("No files have been modified"))
 
 
-def _fail(error: Exception) -> EfmError:
-    return EfmError(str(error), getattr(error, "hint", None))
-
-
 def _describe(name: str, path: Path, origin: str, config: dict[str, Any]) -> dict[str, Any]:
-    from efm_cli import hub
-    from efm_cli.capacitor import WEIGHTS_NAME
+    from efm_cli.capacitor import hub
+    from efm_cli.capacitor.format import WEIGHTS_NAME
 
     weights = path / WEIGHTS_NAME
     return {
@@ -99,8 +96,8 @@ def models_command(
     efm models --json | jq '.models[].name'
     efm models runs/h2z
     """
-    from efm_cli import hub, registry
-    from efm_cli.capacitor import CapacitorError
+    from efm_cli.capacitor import hub, registry
+    from efm_cli.capacitor.format import CapacitorError
 
     console.set_quiet(quiet)
     rows = [_describe(entry.name, entry.path, entry.origin, entry.config) for entry in registry.known()]
@@ -154,18 +151,14 @@ def download_command(
     efm download alice/horse2zebra@v1.0 --json
     HF_HUB_OFFLINE=1 efm download alice/horse2zebra
     """
-    from efm_cli import hub, registry
-    from efm_cli.capacitor import CapacitorError
+    from efm_cli.capacitor import hub, registry
 
     _quiet_hub(quiet, json_output)
-    try:
-        if registry.parse_hub_ref(ref) is not None and not Path(ref).is_dir():
-            folder = hub.download(ref, offline=offline)
-        else:
-            folder = registry.resolve(ref)
-        config = hub.check_folder(folder)
-    except CapacitorError as error:
-        raise _fail(error) from error
+    if hub.parse_hub_ref(ref) is not None and not Path(ref).is_dir():
+        folder = hub.download(ref, offline=offline)
+    else:
+        folder = registry.resolve(ref)
+    config = hub.check_folder(folder)
     if json_output:
         files = sorted(path.name for path in folder.iterdir() if path.is_file())
         domains = [config["domains"]["source"], config["domains"]["target"]]
@@ -199,14 +192,11 @@ def push_command(
     efm push runs/horse2zebra --repo alice/horse2zebra
     efm push runs/horse2zebra --repo alice/horse2zebra --private --revision experiment-2
     """
-    from efm_cli import hub
+    from efm_cli.capacitor import hub
 
     _quiet_hub(quiet, json_output)
     _without_empty_commit_warning()
-    try:
-        result = hub.push(folder, repo, private=private, revision=revision, commit_message=message)
-    except hub.HubError as error:
-        raise _fail(error) from error
+    result = hub.push(folder, repo, private=private, revision=revision, commit_message=message)
     if json_output:
         console.print_json(
             {

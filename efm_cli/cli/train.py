@@ -1,60 +1,31 @@
-"""`efm train`: options in, a run folder out (the work is `efm_cli.runs.fit`)."""
+"""`efm train`: options in, a run folder out (the work is `efm_cli.training.run.fit`)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 
-from efm_cli import console
-from efm_cli.commands.options import JsonOption, Precision, QuietOption
-from efm_cli.console import EfmError, ExitCode
+from efm_cli.capacitor.format import MAX_SIZE, MIN_SIZE
+from efm_cli.cli import console
+from efm_cli.cli.console import ExitCode
+from efm_cli.cli.options import JsonOption, PrecisionChoice, QuietOption, choices, device_option
+from efm_cli.errors import EfmError, UsageError
 
 if TYPE_CHECKING:
-    from efm_cli.runs import Progress, RunSettings
+    from efm_cli.training.run import Progress
 
-DEFAULT_STEPS = 20000
-
-
-class FieldChoice(StrEnum):
-    coulomb = "coulomb"
-    tube = "tube"
-
-
-class PlanChoice(StrEnum):
-    independent = "independent"
-    ot = "ot"
-
-
-class ResizeChoice(StrEnum):
-    resize = "resize"
-    crop = "crop"
-
-
-class TargetChoice(StrEnum):
-    repo = "repo"
-    phys = "phys"
-
-
-class SchemeChoice(StrEnum):
-    uniform = "uniform"
-    pfgm = "pfgm"
-
-
-class NetworkChoice(StrEnum):
-    tiny = "tiny"
-    small = "small"
-    base = "base"
-
-
-class DecayChoice(StrEnum):
-    constant = "constant"
-    cosine = "cosine"
+FieldChoice = choices("FieldChoice", ("coulomb", "tube"))
+PlanChoice = choices("PlanChoice", ("independent", "ot"))
+ResizeChoice = choices("ResizeChoice", ("resize", "crop"))
+TargetChoice = choices("TargetChoice", ("repo", "phys"))
+SchemeChoice = choices("SchemeChoice", ("uniform", "pfgm"))
+NetworkChoice = choices("NetworkChoice", ("tiny", "small", "base"))
+DecayChoice = choices("DecayChoice", ("constant", "cosine"))
 
 
 RESUMABLE = {"resume", "steps", "max_minutes", "device", "workers", "json_output", "quiet"}
@@ -88,7 +59,7 @@ def train_command(
         str | None, typer.Option(help="Name of the target plate (default: from the folder).", rich_help_panel=_DATA)
     ] = None,
     size: Annotated[
-        int, typer.Option(min=8, max=1024, help="Image size (a multiple of 8).", rich_help_panel=_DATA)
+        int, typer.Option(min=MIN_SIZE, max=MAX_SIZE, help="Image size (a multiple of 8).", rich_help_panel=_DATA)
     ] = 64,
     resize: Annotated[
         ResizeChoice,
@@ -149,11 +120,16 @@ def train_command(
     ] = DecayChoice.cosine,
     ema: Annotated[float, typer.Option(min=0.0, max=1.0, help="EMA decay.", rich_help_panel=_OPT)] = 0.9999,
     precision: Annotated[
-        Precision, typer.Option(help="Autocast precision on GPU (CPU trains in fp32).", rich_help_panel=_OPT)
-    ] = Precision.fp32,
+        PrecisionChoice, typer.Option(help="Autocast precision on GPU (CPU trains in fp32).", rich_help_panel=_OPT)
+    ] = PrecisionChoice.fp32,
     seed: Annotated[int, typer.Option(min=0, help="Seed of everything random.", rich_help_panel=_OPT)] = 0,
     steps: Annotated[
-        int | None, typer.Option(min=1, help=f"Total steps (default {DEFAULT_STEPS}).", rich_help_panel=_RUN)
+        int | None,
+        typer.Option(
+            min=1,
+            help="Total steps of the schedule (default 20000); with --resume, the run's new length.",
+            rich_help_panel=_RUN,
+        ),
     ] = None,
     max_minutes: Annotated[
         float | None,
@@ -168,9 +144,7 @@ def train_command(
         Path | None,
         typer.Option(help="Continue the run in this folder from its latest checkpoint.", rich_help_panel=_RUN),
     ] = None,
-    device: Annotated[
-        str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=_RUN)
-    ] = "auto",
+    device: Annotated[str, device_option(_RUN)] = "auto",
     workers: Annotated[
         int | None,
         typer.Option(min=0, help="Decoding processes (default: 0 when the data fits in memory).", rich_help_panel=_RUN),
@@ -193,29 +167,27 @@ def train_command(
     efm train --resume runs/s2w --max-minutes 120
     """
     console.set_quiet(quiet)
-    from efm_cli.runs import Budget, RunError, fit, read_settings
+    from efm_cli.training.run import Budget, fit, new_settings, read_settings, with_steps
 
     if resume is not None:
         _refuse_changes(ctx)
-        try:
-            settings = read_settings(resume)
-        except RunError as error:
-            raise EfmError(str(error), error.hint) from error
         run = resume
-        total = steps or settings.schedule.total or DEFAULT_STEPS
+        settings = read_settings(resume)
+        if steps is not None:
+            settings = with_steps(settings, steps)
     else:
-        settings = _new_settings(
+        settings = new_settings(
             source,
             target,
-            source_name,
-            target_name,
+            source_name=source_name,
+            target_name=target_name,
             size=size,
             resize=resize.value,
             hflip=hflip,
             field=field.value,
             L=plate_distance,
             plan=plan.value,
-            target_mode=coulomb_target.value,
+            mode=coulomb_target.value,
             gamma=gamma,
             S=tube_width,
             scheme=scheme.value,
@@ -228,7 +200,7 @@ def train_command(
             ema=ema,
             precision=precision.value,
             seed=seed,
-            total=steps or DEFAULT_STEPS,
+            steps=steps,
             log_every=log_every,
             checkpoint_every=checkpoint_every,
             sample_every=sample_every,
@@ -236,21 +208,19 @@ def train_command(
         run = out if out is not None else Path("runs") / f"{settings.source_name}2{settings.target_name}"
         if run.exists() and any(run.iterdir()):
             raise EfmError(f"{run} already holds files", f"continue it with --resume {run}, or pick another --out")
-        total = steps or DEFAULT_STEPS
-    reporter = _Reporter(total, quiet or json_output)
+    reporter = _Reporter(settings.schedule.total, quiet or json_output)
     console.info(f"training {settings.source_name} → {settings.target_name} in {run}")
     try:
         summary = fit(
             settings,
             run,
-            budget=Budget(steps=total, minutes=max_minutes),
+            budget=Budget(minutes=max_minutes),
             resume=resume is not None,
             device=device,
             workers=workers,
             on_progress=reporter.update,
+            warn=console.warn,
         )
-    except RunError as error:
-        raise EfmError(str(error), error.hint) from error
     finally:
         reporter.close()
     for item in summary.ignored:
@@ -277,115 +247,10 @@ def _refuse_changes(ctx: typer.Context) -> None:
     ]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise EfmError(
+        raise UsageError(
             f"{flags} cannot change when a run continues",
             "a resumed run keeps the settings in RUN/config.json; start a new run to change them",
-            ExitCode.USAGE,
         )
-
-
-def _new_settings(
-    source: str | None,
-    target: str | None,
-    source_name: str | None,
-    target_name: str | None,
-    *,
-    size: int,
-    resize: str,
-    hflip: bool,
-    field: str,
-    L: float | None,
-    plan: str,
-    target_mode: str,
-    gamma: float,
-    S: float | None,
-    scheme: str,
-    network: str,
-    points: int,
-    charges: int | None,
-    lr: float,
-    warmup: int,
-    decay: str,
-    ema: float,
-    precision: str,
-    seed: int,
-    total: int,
-    **every: int,
-) -> RunSettings:
-    from efm_cli.datasets import NOISE, Preprocessing, cyclegan_folders, domain_names
-    from efm_cli.runs import RunSettings
-    from efm_cli.train import DEFAULT_CHARGES, DEFAULT_L, FieldSpec, Schedule, default_tube_width
-
-    if source is None:
-        raise EfmError("nothing to train on", "pass --source A --target B, or --resume RUN", ExitCode.USAGE)
-    root = None
-    if target is None:
-        layout = cyclegan_folders(Path(source)) if source != NOISE else None
-        if layout is None:
-            raise EfmError(
-                "--target is missing", f"{source} has no trainA/ and trainB/ folders to use instead", ExitCode.USAGE
-            )
-        root = Path(source)
-        source, target = str(layout[0]), str(layout[1])
-    for folder in (source, target):
-        if folder != NOISE and not Path(folder).is_dir():
-            raise EfmError(f"{folder} is not a folder", "pass folders of images (or 'noise' as the source)")
-    if source == target or (NOISE not in (source, target) and Path(source).resolve() == Path(target).resolve()):
-        raise EfmError("--source and --target are the same", "a capacitor needs two different domains", ExitCode.USAGE)
-    if NOISE not in (source, target):
-        # Folders are searched recursively: a plate inside the other would put its pictures on both plates.
-        for inner, outer, inner_flag, outer_flag in (
-            (target, source, "--target", "--source"),
-            (source, target, "--source", "--target"),
-        ):
-            if Path(inner).resolve().is_relative_to(Path(outer).resolve()):
-                raise EfmError(
-                    f"{inner_flag} {inner} is inside {outer_flag} {outer}",
-                    "pass two separate folders: the outer one is searched recursively",
-                    ExitCode.USAGE,
-                )
-    if size % 8:
-        raise EfmError(f"--size {size} is not a multiple of 8", "use 32, 64, 128 or 256", ExitCode.USAGE)
-    charges = charges if charges is not None else DEFAULT_CHARGES[field]
-    if charges < points:
-        raise EfmError(
-            f"--charges {charges} is below --batch-size {points}", "points lie between charges", ExitCode.USAGE
-        )
-    names = domain_names(source, target, root)
-    source_name, target_name = source_name or names[0], target_name or names[1]
-    if source_name == target_name:
-        raise EfmError(
-            f"both plates would be called {source_name!r}",
-            "name them with --source-name and --target-name",
-            ExitCode.USAGE,
-        )
-    try:
-        spec = FieldSpec(
-            kind=field,  # type: ignore[arg-type]
-            L=L if L is not None else DEFAULT_L[field],
-            target=target_mode,  # type: ignore[arg-type]
-            gamma=gamma,
-            S=S if S is not None else default_tube_width(size),
-            scheme=scheme,  # type: ignore[arg-type]
-            plan=plan,  # type: ignore[arg-type]
-        )
-    except ValueError as error:
-        raise EfmError(str(error), "see 'efm train --help'", ExitCode.USAGE) from error
-    return RunSettings(
-        source=source,
-        target=target,
-        source_name=source_name,
-        target_name=target_name,
-        prep=Preprocessing(size=size, resize=resize, hflip=hflip),  # type: ignore[arg-type]
-        field=spec,
-        schedule=Schedule(lr=lr, warmup=warmup, decay=decay, total=total, ema=ema),  # type: ignore[arg-type]
-        network=network,
-        charges=charges,
-        points=points,
-        seed=seed,
-        precision=precision,  # type: ignore[arg-type]
-        **every,
-    )
 
 
 class _Reporter:

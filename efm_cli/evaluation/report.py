@@ -2,11 +2,11 @@
 
 The report translates a held-out source folder and measures the result against a held-out target folder:
 
-- target rate: the share of translations a domain classifier (`efm_cli.classifier`) calls "target". The classifier
-  is trained to ignore colour statistics, and every report proves it did: cheap tricks (desaturate, greyscale, darken,
-  blur, noise) are applied to the untouched source images, and if any trick raises their target rate by more than
-  0.10 the target rate is marked untrustworthy. The robust target rate counts a translation only when the
-  classifier calls it "target" untouched and under every trick at once;
+- target rate: the share of translations a domain classifier (`efm_cli.evaluation.classifier`) calls "target".
+  The classifier is trained to ignore colour statistics, and every report proves it did: cheap tricks (desaturate,
+  greyscale, darken, blur, noise) are applied to the untouched source images, and if any trick raises their target
+  rate by more than 0.10 the target rate is marked untrustworthy. The robust target rate counts a translation only
+  when the classifier calls it "target" untouched and under every trick at once;
 - mean absolute change per pixel, in 8-bit levels: a field network that barely moves the images cannot hide;
 - Fréchet distance in the classifier's feature space between translations and real targets, next to the same
   distance for the no-op translation (real source vs real target) and the noise floor (target train vs target test);
@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efm_cli import classifier as clf
 from efm_cli import devices
-from efm_cli.errors import HintedError
+from efm_cli.capacitor import registry
+from efm_cli.capacitor.model import Capacitor
+from efm_cli.env import efm_cache_dir
+from efm_cli.errors import EfmError
+from efm_cli.evaluation import classifier as clf
 from efm_cli.images import ImageError, find_images, load, to_tensor
 
 TRUST_MARGIN = 0.10
@@ -47,7 +50,7 @@ Judge = Callable[[Tensor], Tensor]
 """Images [b, 3, H, W] in [−1, 1] → bool [b], True where judged "target"."""
 
 
-class EvalError(HintedError):
+class EvalError(EfmError):
     """Inputs `efm eval` cannot report on; `hint` says what to do."""
 
 
@@ -316,7 +319,7 @@ def _listing(folder: Path, what: str) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Roles:
     """Which files play which part, and how that was decided (said to the user when it is a fallback)."""
 
     test_source: list[Path]
@@ -326,14 +329,14 @@ class Plan:
     split: Literal["given", "halves"]
 
 
-def plan(
+def assign_roles(
     source: Path,
     target: Path,
     train_source: Path | None,
     train_target: Path | None,
     limit: int | None,
     seed: int,
-) -> Plan:
+) -> Roles:
     """Assign files: the given train folders, or else a seeded half of each evaluation folder for the classifier."""
     test_source, test_target = _listing(source, "source"), _listing(target, "target")
     if train_source is not None and train_target is not None:
@@ -350,7 +353,7 @@ def plan(
         fit_target, test_target = split_halves(test_target, seed + 1)
     if limit is not None:
         test_source, test_target = test_source[:limit], test_target[:limit]
-    return Plan(test_source, test_target, fit_source, fit_target, split)
+    return Roles(test_source, test_target, fit_source, fit_target, split)
 
 
 def _rate(verdicts: Tensor) -> float:
@@ -388,10 +391,6 @@ def report(
     say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """The full quality report of capacitor `model` translating `source` towards `target`, as a JSON-ready dict."""
-    from efm_cli import registry
-    from efm_cli.capacitor import Capacitor
-    from efm_cli.env import efm_cache_dir
-
     where = devices.choose(device)
     network = inception_network(where) if features == "inception" else None  # fail before any training
     folder = registry.resolve(model)
@@ -402,7 +401,7 @@ def report(
     mode = capacitor.config.get("preprocessing", {}).get("resize", "resize")
     if mode not in ("resize", "crop"):
         raise EvalError(f"{folder}: unknown preprocessing resize mode {mode!r}", "expected 'resize' or 'crop'")
-    files = plan(source, target, train_source, train_target, limit, seed)
+    files = assign_roles(source, target, train_source, train_target, limit, seed)
     if files.split == "halves":
         say(
             "no --train-source/--train-target: the classifier trains on a seeded half of each folder "

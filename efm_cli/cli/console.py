@@ -29,16 +29,6 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
-class EfmError(Exception):
-    """A failure the user can act on; the CLI shows it as one line with a hint, never as a traceback."""
-
-    def __init__(self, message: str, hint: str | None = None, exit_code: int = ExitCode.FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.exit_code = exit_code
-
-
 _quiet = False
 
 

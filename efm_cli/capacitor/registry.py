@@ -4,7 +4,7 @@
 
 1. an existing local folder (`./runs/h2z/model`, `~/caps/h2z`): used as it is;
 2. a Hub reference, `user/name` or `user/name@revision` (branch, tag or full commit hash): downloaded into the
-   shared HF cache by `efm_cli.hub` (a cache hit needs no file request; offline, the cache alone answers);
+   shared HF cache by `efm_cli.capacitor.hub` (a cache hit needs no file request; offline, the cache alone answers);
 3. a short name: the folder name of an embedded capacitor (`weights/NAME`), or the repo name of a cached Hub
    capacitor (`name` for `user/name`, its `main` revision); embedded ones win on a clash.
 
@@ -14,21 +14,19 @@ from it. Reading a config here never builds a network, so listing models stays c
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from efm_cli import env
-from efm_cli.capacitor import CapacitorError, Direction, read_config, validate
+from efm_cli.capacitor import hub
+from efm_cli.capacitor.format import CapacitorError, Direction, read_config, validate
+from efm_cli.errors import EfmError
 
 Origin = Literal["embedded", "cache", "path"]
 
-HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
-"""`user/name` or `user/name@revision`; a revision may be a branch, a tag or a commit hash."""
 
-
-class UnknownReference(CapacitorError):
+class UnknownReference(EfmError):
     """A reference or domain that resolves to no capacitor, or to several; `hint` says what is available."""
 
 
@@ -72,8 +70,6 @@ def embedded() -> list[Entry]:
 
 def cached() -> list[Entry]:
     """Capacitors in the shared HF cache: `user/name` for a repo's main revision, `user/name@REF` for others."""
-    from efm_cli import hub
-
     entries, names = [], set()
     for item in hub.cached():
         refs = [ref for ref in item.refs if ref != "main"]
@@ -89,12 +85,6 @@ def known() -> list[Entry]:
     return embedded() + cached()
 
 
-def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
-    """(repo id, revision) when `ref` has the Hub form, else None."""
-    match = HUB_REF.match(ref)
-    return (match["repo"], match["revision"]) if match else None
-
-
 def short_name(entry: Entry) -> str:
     """What a user may type for an entry: an embedded folder name, or the repo name of a cached capacitor."""
     return entry.name.split("/")[-1] if entry.origin == "cache" else entry.name
@@ -105,9 +95,7 @@ def resolve(ref: str) -> Path:
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
-    if parse_hub_ref(ref) is not None:
-        from efm_cli import hub
-
+    if hub.parse_hub_ref(ref) is not None:
         return hub.download(ref)
     entries = known()
     matches = [entry for entry in entries if ref in (entry.name, short_name(entry))]

@@ -16,15 +16,16 @@ from typing import Annotated, Any
 import click
 import typer
 
-from efm_cli import __version__, console
+from efm_cli import __version__
 from efm_cli import env as env_info
-from efm_cli.commands.evaluate import eval_command
-from efm_cli.commands.hub import download_command, models_command, push_command
-from efm_cli.commands.options import JsonOption, QuietOption
-from efm_cli.commands.train import train_command
-from efm_cli.commands.translate import translate_command
-from efm_cli.console import EfmError, ExitCode
-from efm_cli.errors import HintedError
+from efm_cli.cli import console
+from efm_cli.cli.console import ExitCode
+from efm_cli.cli.eval import eval_command
+from efm_cli.cli.hub import download_command, models_command, push_command
+from efm_cli.cli.options import JsonOption, QuietOption
+from efm_cli.cli.train import train_command
+from efm_cli.cli.translate import translate_command
+from efm_cli.errors import EfmError, UsageError
 
 app = typer.Typer(
     name="efm",
@@ -137,16 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print_error(exc.format_message())
         return exc.exit_code
     except EfmError as exc:
+        # Every error a user can act on, from the library or a command: one line with its hint, never a traceback.
         if _debug():
             traceback.print_exc()
         console.print_error(exc.message, exc.hint)
-        return exc.exit_code
-    except HintedError as exc:
-        # A library error that no command translated: still one line with its hint, never a traceback.
-        if _debug():
-            traceback.print_exc()
-        console.print_error(str(exc), exc.hint)
-        return ExitCode.FAILED
+        return ExitCode.USAGE if isinstance(exc, UsageError) else ExitCode.FAILED
     except (KeyboardInterrupt, click.Abort):
         console.print_error("interrupted")
         return ExitCode.INTERRUPTED
@@ -155,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if _debug():
             traceback.print_exc()
+            console.print_error(f"{type(exc).__name__}: {exc}")
         else:
             console.print_error(f"{type(exc).__name__}: {exc}", "rerun with EFM_DEBUG=1 for the traceback")
         return ExitCode.FAILED

@@ -3,7 +3,8 @@
 A translation is judged "target" when this classifier says so, so it must not be fooled by what a field network
 learns first: global colour and brightness statistics. It is therefore trained on views with random hue, saturation,
 brightness and contrast, random greyscale, blur and noise, and `efm eval` checks it on every run with cheap tricks
-(see `efm_cli.evaluate`). Its pooled last-layer activations are the feature space of the report's Fréchet distance.
+(see `efm_cli.evaluation.report`). Its pooled last-layer activations are the feature space of the report's Fréchet
+distance.
 
 Training takes a minute or two on two CPU cores for a few thousand 32×32 or 64×64 images. The result is cached as
 safetensors plus a JSON sidecar, keyed by a hash of the training images' bytes and every setting that changes the
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from efm_cli.errors import EfmError
 from efm_cli.files import atomic_path, write_json
 
 FORMAT = "efm-domain-classifier"
@@ -36,8 +38,10 @@ LUMA = (0.299, 0.587, 0.114)
 """ITU-R BT.601 weights: the grey a person sees in an RGB colour."""
 
 
-class ClassifierError(Exception):
+class ClassifierError(EfmError):
     """A cached classifier that cannot be used, or training data that cannot train one."""
+
+    default_hint = "rerun; delete the .eval-cache folder if the cache is damaged"
 
 
 @dataclass(frozen=True)

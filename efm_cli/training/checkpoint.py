@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from efm_cli.errors import EfmError
 from efm_cli.files import atomic_path
 
 LATEST = "latest"
@@ -26,8 +27,10 @@ STATE = "trainer.json"
 _STEP = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(EfmError):
     """A checkpoint folder that cannot be read back; the message names it."""
+
+    default_hint = "move that step folder aside to resume from the checkpoint before it"
 
 
 def _fsync_file(path: Path) -> None:

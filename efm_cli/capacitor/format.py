@@ -1,0 +1,201 @@
+"""The capacitor folder format: file names, config.json's structure and ranges, reading and writing it — no torch.
+
+A capacitor is a folder: `config.json` (format name and version, the two domains, the field and its parameters,
+image size and value range, network, preprocessing, default sampler, training summary) and `model.safetensors`
+(the EMA weights). Everything here works on plain dicts, so that the Hub code and `efm models` can check a
+capacitor without importing torch; `efm_cli.capacitor.model` builds the network from what this module validated.
+
+Each fact lives in one place in the config: the image size and channels in `image`, the plate distance in `field`.
+Format version 1 also repeated size, channels and L inside `network`; such configs still load when the copies
+agree, and are refused when they do not (a network whose height embedding disagrees with its plates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from efm_cli.errors import EfmError
+
+FORMAT = "efm-capacitor"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+SAMPLE_NAME = "sample.png"
+"""The optional files of a capacitor folder: its model card and the picture the card shows."""
+
+Direction = Literal["forward", "backward"]
+
+MIN_SIZE, MAX_SIZE, SIZE_STEP = 8, 1024, 8
+"""Image sizes a capacitor may have: multiples of 8 (the UNet halves them three times), 8 to 1024."""
+SIZE_RULE = f"a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE}"
+
+FIELD_KINDS = ("coulomb", "tube")
+SOLVER_NAMES = ("dopri5", "heun", "euler")
+"""The integrator's solvers (`efm_cli.integrator.SOLVERS`), named here so that checking a config needs no torch."""
+
+MAX_CONFIG_BYTES = 1 << 20
+"""No real config comes near 1 MiB."""
+
+SAMPLER_OPTIONS = {"solver": str, "rtol": float, "atol": float, "steps": int, "max_nfe": int}
+"""What config.json may set about sampling, with its type: nothing else reaches the integrator."""
+
+SAMPLER_RANGES = {"rtol": (1e-12, 1.0), "atol": (1e-12, 1.0), "steps": (1, 100_000), "max_nfe": (1, 1_000_000)}
+"""Bounds of the numeric sampler options: a downloaded config must not ask for a run that never ends."""
+
+_NETWORK_COPIES = {"size": ("image", "size"), "channels": ("image", "channels"), "L": ("field", "L")}
+"""Keys that format version 1 stored in `network` as copies of another section's value."""
+
+
+class CapacitorError(EfmError):
+    """A capacitor folder or config that cannot be used; the message says what is wrong with it."""
+
+    default_hint = "check the capacitor folder, or see 'efm models'"
+
+
+def size_ok(size: Any) -> bool:
+    """Whether `size` can be a capacitor's image size (`SIZE_RULE`)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        return False
+    return MIN_SIZE <= size <= MAX_SIZE and size % SIZE_STEP == 0
+
+
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    if not isinstance(value, dict):
+        raise CapacitorError(f"config.json: '{key}' must be an object, got {value!r}")
+    return value
+
+
+def validate(config: Any) -> dict[str, Any]:
+    """Check a capacitor config's structure, types and ranges before anything is allocated; return it in the
+    current format (a version-1 config with consistent copies comes back without them)."""
+    if not isinstance(config, dict):
+        raise CapacitorError("config.json must hold a JSON object")
+    if config.get("format") != FORMAT:
+        raise CapacitorError(f"config.json is not an {FORMAT} config (format = {config.get('format')!r})")
+    version = config.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise CapacitorError(
+            f"config.json has format_version {version!r}; this efm reads {readable}",
+            "upgrade efm (pip install -U efm-cli) if the capacitor is newer than this efm",
+        )
+    domains = _section(config, "domains")
+    if not all(isinstance(domains.get(k), str) and domains[k] for k in ("source", "target")):
+        raise CapacitorError("config.json: 'domains' needs non-empty 'source' and 'target' names")
+    if domains["source"] == domains["target"]:
+        raise CapacitorError("config.json: the two domains must have different names")
+    field = _section(config, "field")
+    L, eps = field.get("L"), field.get("eps", 1e-3)
+    finite = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (L, eps))
+    if not finite or not 0 < eps < L / 2:
+        raise CapacitorError("config.json: 'field' needs a finite plate distance L > 0 and 0 < eps < L/2")
+    if field.get("kind") not in FIELD_KINDS:
+        raise CapacitorError(f"config.json: unknown field kind {field.get('kind')!r}; expected 'coulomb' or 'tube'")
+    image = _section(config, "image")
+    if not size_ok(image.get("size")):
+        raise CapacitorError(f"config.json: 'image' needs a size that is {SIZE_RULE}, got {image.get('size')!r}")
+    if image.get("channels") not in (1, 3):
+        raise CapacitorError(f"config.json: 'image' needs 1 or 3 channels, got {image.get('channels')!r}")
+    sampler = config.get("sampler", {})
+    if not isinstance(sampler, dict) or not all(_sampler_option_ok(k, v) for k, v in sampler.items()):
+        allowed = ", ".join(f"{k} in [{low:g}, {high:g}]" for k, (low, high) in SAMPLER_RANGES.items())
+        raise CapacitorError(
+            f"config.json: 'sampler' may only set solver ({'|'.join(SOLVER_NAMES)}), {allowed}; got {sampler!r}"
+        )
+    network = _section(config, "network")
+    if network.get("kind") != "unet":
+        raise CapacitorError(f"config.json: 'network' must be a UNet, got kind {network.get('kind')!r}")
+    return {**config, "format_version": FORMAT_VERSION, "network": _without_copies(config, network)}
+
+
+def _without_copies(config: dict[str, Any], network: dict[str, Any]) -> dict[str, Any]:
+    """The network section without the values it repeats from `image` and `field`; copies that disagree with the
+    values they repeat make the config unusable."""
+    for key, (section, name) in _NETWORK_COPIES.items():
+        if key in network and network[key] != config[section][name]:
+            raise CapacitorError(
+                f"config.json: network.{key} = {network[key]!r} disagrees with {section}.{name} = "
+                f"{config[section][name]!r}",
+                "the config was edited by hand or is damaged; re-export the capacitor",
+            )
+    return {k: v for k, v in network.items() if k not in _NETWORK_COPIES}
+
+
+def network_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The complete network config of a validated capacitor config: its own section plus size, channels and L."""
+    image, field = config["image"], config["field"]
+    return {**config["network"], "size": image["size"], "channels": image["channels"], "L": field["L"]}
+
+
+def read_config(folder: Path) -> Any:
+    """The parsed (not yet validated) config.json of a capacitor folder; every reason it cannot be read is a
+    `CapacitorError`. Every reader of a capacitor config goes through here."""
+    try:
+        return json.loads(_config_text(folder / CONFIG_NAME))
+    except FileNotFoundError as error:
+        raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
+    except RecursionError as error:
+        raise CapacitorError(f"{folder / CONFIG_NAME} is nested too deeply to be a capacitor config") from error
+    except (OSError, ValueError) as error:
+        raise CapacitorError(f"{folder / CONFIG_NAME} is not valid JSON ({error})") from error
+
+
+def _config_text(path: Path) -> str:
+    """The text of a config.json, refused (ValueError) unless it is a regular file of at most `MAX_CONFIG_BYTES`.
+
+    A folder from elsewhere may link config.json to /dev/zero or a FIFO: reading those would never end.
+    """
+    if path.exists() and not path.is_file():
+        raise ValueError("config.json is not a regular file")
+    with path.open("rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    return data.decode("utf-8")
+
+
+def _sampler_option_ok(key: str, value: Any) -> bool:
+    kind = SAMPLER_OPTIONS.get(key)
+    if kind is None or isinstance(value, bool):
+        return False
+    if key == "solver":
+        return value in SOLVER_NAMES
+    if not (isinstance(value, int | float) if kind is float else isinstance(value, kind)):
+        return False
+    low, high = SAMPLER_RANGES[key]
+    return low <= value <= high
+
+
+def new_config(
+    *,
+    source: str,
+    target: str,
+    network: dict[str, Any],
+    field: dict[str, Any],
+    size: int,
+    channels: int = 3,
+    preprocessing: dict[str, Any] | None = None,
+    sampler: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A complete, validated capacitor config (what `efm train` writes). `network` may be a full network config:
+    the size, channels and L it repeats must match the capacitor's and are stored once."""
+    return validate(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "domains": {"source": source, "target": target},
+            "field": {"eps": 1e-3, **field},
+            "image": {"size": size, "channels": channels, "range": [-1.0, 1.0]},
+            "network": network,
+            "preprocessing": preprocessing or {"resize": "resize", "hflip": False},
+            "sampler": sampler or {"solver": "dopri5", "rtol": 1e-4, "atol": 1e-4},
+            "training": training or {},
+        }
+    )
