@@ -284,17 +284,20 @@ def local_gain(small_in: np.ndarray, small_out: np.ndarray) -> np.ndarray:
     return (covariance + DETAIL_EPS) / (variance + DETAIL_EPS)
 
 
-def compose(rgb: np.ndarray, small_in: Tensor, small_out: Tensor, *, detail: bool = True) -> np.ndarray:
+def compose(
+    rgb: np.ndarray, small_in: Tensor, small_out: Tensor, *, detail: bool = True, reconstructed: bool = False
+) -> np.ndarray:
     """A translation [3, s, s] in [−1, 1] back at the input's pixel size, as uint8 RGB [H, W, 3].
 
     The field sees the picture at the capacitor's resolution, so on its own the result is a bicubic enlargement.
-    With `detail`, the input's fine detail — its luminance minus the enlargement of what the field saw — is added
+    With `detail`, the input's fine detail — its luminance minus the enlargement of what the field saw (`small_in`:
+    the input at the capacitor's size, or with `reconstructed` a latent capacitor's reconstruction of it) — is added
     back, scaled by `local_gain` (README, "Fine detail", has what that gains on real photos).
     """
     size = (rgb.shape[1], rgb.shape[0])
     small_out_hwc = small_out.permute(1, 2, 0).numpy().astype(np.float32)
     result = _resize(small_out_hwc, size)
-    if detail and (small_out.shape[2], small_out.shape[1]) != size:
+    if detail and (reconstructed or (small_out.shape[2], small_out.shape[1]) != size):
         small_in_hwc = small_in.permute(1, 2, 0).numpy().astype(np.float32)
         full = rgb.astype(np.float32) / 127.5 - 1.0
         residual = (full - _resize(small_in_hwc, size)) @ _LUMA
@@ -412,9 +415,14 @@ def _ahead(pool: Any, tasks: Iterable[tuple[Any, ...]], fn: Callable[..., Any], 
         yield pending.popleft().result()
 
 
-def _write(job: Job, decoded: _Decoded, out: Tensor, detail: bool, thumbnail: bool) -> tuple[Record, Any]:
+def _write(
+    job: Job, decoded: _Decoded, out: Tensor, seen: Tensor | None, detail: bool, thumbnail: bool
+) -> tuple[Record, Any]:
     """Bring one translation back to its input's size and write it atomically, in a worker thread."""
-    rgb = compose(decoded.loaded.rgb, decoded.tensor, out, detail=detail)
+    if seen is None:
+        rgb = compose(decoded.loaded.rgb, decoded.tensor, out, detail=detail)
+    else:
+        rgb = compose(decoded.loaded.rgb, seen, out, detail=detail, reconstructed=True)
     suffix_known = job.output.suffix.lower() in IMAGE_SUFFIXES
     try:
         save_atomic(job.output, rgb, alpha=decoded.loaded.alpha, format=None if suffix_known else decoded.loaded.format)
@@ -457,25 +465,32 @@ class _Session:
             self.progress(record)
 
     @torch.inference_mode()
-    def integrate(self, images: Tensor) -> tuple[Tensor, list[int], list[int]]:
-        """Translate a model-size batch; samples that fail in reduced precision are integrated again in fp32."""
+    def integrate(self, images: Tensor) -> tuple[Tensor, Tensor | None, list[int], list[int]]:
+        """Translate a model-size batch; samples that fail in reduced precision are integrated again in fp32.
+
+        Returns the translations, what the field saw of each input (a latent capacitor's reconstruction, for
+        `--detail`; None when that is the input itself), and each sample's NFE and status."""
         device = next(self.capacitor.network.parameters()).device
         if device.type == "cuda":
             images = images.pin_memory()
         images = _to_model(images, self.capacitor.config["image"]["channels"]).to(device, non_blocking=True)
-        result = self.capacitor.translate(images, direction=self.direction, precision=self.precision, **self.options)
+        reconstruct = self.detail and self.capacitor.latent
+        common = {"direction": self.direction, "reconstruct": reconstruct, **self.options}
+        result = self.capacitor.translate(images, precision=self.precision, **common)
         out, nfe, status = result.images.float(), result.solution.nfe.clone(), result.solution.status.clone()
+        seen = result.reconstruction.float() if result.reconstruction is not None else None
         failed = (status != Status.LANDED).nonzero().flatten()
         if self.precision != "fp32" and len(failed):
-            again = self.capacitor.translate(images[failed], direction=self.direction, **self.options)
+            again = self.capacitor.translate(images[failed], **common)
             out[failed], status[failed] = again.images.float(), again.solution.status
             nfe[failed] += again.solution.nfe
             self.retried += len(failed)
-        return _to_rgb(out).cpu(), nfe.tolist(), status.tolist()
+        seen = _to_rgb(seen).cpu() if seen is not None else None
+        return _to_rgb(out).cpu(), seen, nfe.tolist(), status.tolist()
 
     def run_batch(self, batch: list[_Decoded], writers: Any) -> None:
         """Integrate a batch and hand each landed image to a writer; lines that did not land are failures."""
-        out, nfe, status = self.integrate(torch.stack([decoded.tensor for decoded in batch]))
+        out, seen, nfe, status = self.integrate(torch.stack([decoded.tensor for decoded in batch]))
         for row, decoded in enumerate(batch):
             index = decoded.index
             job = self.jobs[index]
@@ -485,7 +500,8 @@ class _Session:
                 continue
             if index in self.shown:
                 self.traced[index] = decoded.tensor
-            write = writers.submit(_write, job, decoded, out[row], self.detail, index in self.shown)
+            reference = seen[row] if seen is not None else None
+            write = writers.submit(_write, job, decoded, out[row], reference, self.detail, index in self.shown)
             self.writes.append((index, nfe[row], write))
 
     def drain(self, keep: int) -> None:
@@ -606,16 +622,17 @@ def trace(
 
     model_images = _to_model(images, capacitor.config["image"]["channels"])
     device = next(capacitor.network.parameters()).device
+    starts = capacitor.encode(model_images.to(device)).float().cpu()
     capacitor.translate(model_images.to(device), direction=direction, precision=precision, callback=record, **options)
     heights = torch.linspace(z0, z1, frames)
     lines = []
-    for row, start in enumerate(model_images.flatten(1).float()):
+    for row, start in enumerate(starts.flatten(1)):
         progress = [torch.zeros(1)] + [(t[index == row].double() - z0) / (z1 - z0) for index, t, _ in steps]
         states = [start[None]] + [y[index == row] for index, _, y in steps]
         lines.append(_interpolate(torch.cat(progress).float(), torch.cat(states), torch.linspace(0, 1, frames)))
-    shape = (len(images), frames, *model_images.shape[1:])
-    states = _to_rgb(torch.stack(lines).view(-1, *shape[2:]).clamp(-1.0, 1.0))  # as `translate` returns them
-    return heights, states.reshape(len(images), frames, 3, *shape[3:])
+    points = torch.stack(lines).view(-1, *starts.shape[1:])
+    states = _to_rgb(capacitor.decode(points.to(device)).float().cpu())  # as `translate` returns them
+    return heights, states.reshape(len(images), frames, 3, *model_images.shape[2:])
 
 
 def _interpolate(progress: Tensor, states: Tensor, at: Tensor) -> Tensor:

@@ -9,7 +9,8 @@
 # of efm eval (all of testA against testB). The capacitor is RUN/model, ready for `efm translate --model`,
 # `efm push` or examples/embed.py.
 # Settings of a new run, from the environment: SIZE (64), STEPS (6000; also extends a resumed run), BATCH (points per
-# step, 16), CHARGES (per plate; efm train's default), NETWORK (small), DEVICE (auto).
+# step, 16), CHARGES (per plate; efm train's default), NETWORK (small), DEVICE (auto), LATENT (an autoencoder for a
+# latent capacitor, e.g. an `efm autoencoder` run; SIZE must then be a multiple of 8 × its downsampling).
 set -euo pipefail
 usage="usage: examples/horse2zebra.sh DATA RUN [MINUTES]"
 data=${1:?$usage}
@@ -28,7 +29,7 @@ if [ -f "$run/config.json" ]; then
 else
     efm train --source "$data/trainA" --target "$data/trainB" --source-name horse --target-name zebra \
         --size "${SIZE:-64}" --steps "${STEPS:-6000}" --batch-size "${BATCH:-16}" --warmup 200 \
-        --network "${NETWORK:-small}" ${CHARGES:+--charges "$CHARGES"} \
+        --network "${NETWORK:-small}" ${CHARGES:+--charges "$CHARGES"} ${LATENT:+--latent "$LATENT"} \
         --device "$device" --out "$run" --max-minutes "$minutes"
 fi
 

@@ -86,7 +86,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def climbing_capacitor(config: dict, *, seed: int = 0, everything: bool = False) -> Capacitor:
+def climbing_capacitor(config: dict, *, seed: int = 0, everything: bool = False, autoencoder=None) -> Capacitor:
     """A random capacitor whose field climbs everywhere (f_z ≈ 30), so that every line lands in a few steps.
 
     The network is built under `seed` (a test must not depend on the global RNG that earlier tests advanced), and its
@@ -95,7 +95,7 @@ def climbing_capacitor(config: dict, *, seed: int = 0, everything: bool = False)
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        capacitor = Capacitor(config)
+        capacitor = Capacitor(config, autoencoder=autoencoder)
     generator = torch.Generator().manual_seed(seed)
     network = capacitor.network
     with torch.no_grad():

@@ -74,6 +74,19 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _latent_rows(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A latent capacitor names the autoencoder its field lives in (shipped in the repo's autoencoder/ folder)."""
+    latent = config.get("latent")
+    if latent is None:
+        return [("space", "pixels")]
+    size = config["image"]["size"] // latent["factor"]
+    where = f"{latent['kind']} in autoencoder/, {latent['factor']}× smaller, {latent['channels']}×{size}×{size} codes"
+    rows = [("space", "latent"), ("autoencoder", where)]
+    if latent.get("origin"):
+        rows.append(("autoencoder origin", latent["origin"]))
+    return rows
+
+
 def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, embedded: bool = False) -> str:
     """The whole README.md of a capacitor published as `repo_id`; `sample` names the grid image beside it.
 
@@ -100,6 +113,7 @@ def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, e
             ("plate distance L", field["L"]),
             ("image size", f"{image['size']}×{image['size']}, {image['channels']} channels"),
             ("network", config["network"].get("kind", "-")),
+            *_latent_rows(config),
         ]
     )
     scalars = [

@@ -2,8 +2,11 @@
 
 A capacitor is a folder: `config.json` (format name and version, the two domains, the field and its parameters,
 image size and value range, network, preprocessing, default sampler, training summary) and `model.safetensors`
-(the EMA weights). Everything here works on plain dicts, so that the Hub code and `efm models` can check a
-capacitor without importing torch; `efm_cli.capacitor.model` builds the network from what this module validated.
+(the EMA weights). A latent capacitor's field lives in an autoencoder's latent space: its config has a `latent`
+section (the autoencoder's kind, downsampling and latent channels, and the per-channel statistics that make the
+codes unit-variance), and the autoencoder itself is the folder's `autoencoder/` subfolder, in diffusers' format.
+Everything here works on plain dicts, so that the Hub code and `efm models` can check a capacitor without importing
+torch; `efm_cli.capacitor.model` builds the network from what this module validated.
 
 Each fact lives in one place in the config: the image size and channels in `image`, the plate distance in `field`.
 Format version 1 also repeated size, channels and L inside `network`; such configs still load when the copies
@@ -27,6 +30,11 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 SAMPLE_NAME = "sample.png"
 """The optional files of a capacitor folder: its model card and the picture the card shows."""
+AUTOENCODER_DIR = "autoencoder"
+AUTOENCODER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+AUTOENCODER_FILES = (f"{AUTOENCODER_DIR}/{CONFIG_NAME}", f"{AUTOENCODER_DIR}/{AUTOENCODER_WEIGHTS}")
+"""A latent capacitor's autoencoder: always this subfolder (a config never names a path), diffusers' file names."""
+AUTOENCODER_KINDS = ("AutoencoderTiny", "AutoencoderKL")
 
 Direction = Literal["forward", "backward"]
 
@@ -46,9 +54,6 @@ SAMPLER_OPTIONS = {"solver": str, "rtol": float, "atol": float, "steps": int, "m
 
 SAMPLER_RANGES = {"rtol": (1e-12, 1.0), "atol": (1e-12, 1.0), "steps": (1, 100_000), "max_nfe": (1, 1_000_000)}
 """Bounds of the numeric sampler options: a downloaded config must not ask for a run that never ends."""
-
-_NETWORK_COPIES = {"size": ("image", "size"), "channels": ("image", "channels"), "L": ("field", "L")}
-"""Keys that format version 1 stored in `network` as copies of another section's value."""
 
 
 class CapacitorError(EfmError):
@@ -111,33 +116,77 @@ def validate(config: Any) -> dict[str, Any]:
     network = _section(config, "network")
     if network.get("kind") != "unet":
         raise CapacitorError(f"config.json: 'network' must be a UNet, got kind {network.get('kind')!r}")
+    if "latent" in config:
+        _check_latent(config)
     return {**config, "format_version": FORMAT_VERSION, "network": _without_copies(config, network)}
 
 
+def _finite_numbers(values: Any, count: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == count
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
+
+
+def _check_latent(config: dict[str, Any]) -> None:
+    latent, size = _section(config, "latent"), config["image"]["size"]
+    if latent.get("kind") not in AUTOENCODER_KINDS:
+        raise CapacitorError(f"config.json: 'latent' needs an autoencoder kind in {AUTOENCODER_KINDS}")
+    factor, channels = latent.get("factor"), latent.get("channels")
+    if factor not in (1, 2, 4, 8, 16, 32) or isinstance(channels, bool) or channels not in range(1, 65):
+        raise CapacitorError("config.json: 'latent' needs a factor in 1, 2, 4 … 32 and 1 to 64 channels")
+    if size % factor or not size_ok(size // factor):
+        raise CapacitorError(
+            f"config.json: image.size {size} over the autoencoder's factor {factor} must be {SIZE_RULE}"
+        )
+    if not (_finite_numbers(latent.get("mean"), channels) and _finite_numbers(latent.get("std"), channels)):
+        raise CapacitorError(f"config.json: 'latent' needs {channels} finite means and standard deviations")
+    if min(latent["std"]) <= 0:
+        raise CapacitorError("config.json: the latent standard deviations must be positive")
+    if not isinstance(latent.get("origin", ""), str) or len(latent.get("origin", "")) > 300:
+        raise CapacitorError("config.json: latent.origin must be a short text")
+
+
+def field_space(config: dict[str, Any]) -> tuple[int, int]:
+    """(size, channels) of what the field moves: the image, or a latent capacitor's latent."""
+    image, latent = config["image"], config.get("latent")
+    if latent is None:
+        return image["size"], image["channels"]
+    return image["size"] // latent["factor"], latent["channels"]
+
+
 def _without_copies(config: dict[str, Any], network: dict[str, Any]) -> dict[str, Any]:
-    """The network section without the values it repeats from `image` and `field`; copies that disagree with the
-    values they repeat make the config unusable."""
-    for key, (section, name) in _NETWORK_COPIES.items():
-        if key in network and network[key] != config[section][name]:
+    """The network section without the values it repeats from `image` (or `latent`) and `field`; copies that
+    disagree with the values they repeat make the config unusable."""
+    size, channels = field_space(config)
+    truth = {
+        "size": ("image.size", size),
+        "channels": ("image.channels", channels),
+        "L": ("field.L", config["field"]["L"]),
+    }
+    if "latent" in config:
+        truth |= {"size": ("image.size / latent.factor", size), "channels": ("latent.channels", channels)}
+    for key, (name, value) in truth.items():
+        if key in network and network[key] != value:
             raise CapacitorError(
-                f"config.json: network.{key} = {network[key]!r} disagrees with {section}.{name} = "
-                f"{config[section][name]!r}",
+                f"config.json: network.{key} = {network[key]!r} disagrees with {name} = {value!r}",
                 "the config was edited by hand or is damaged; re-export the capacitor",
             )
-    return {k: v for k, v in network.items() if k not in _NETWORK_COPIES}
+    return {k: v for k, v in network.items() if k not in truth}
 
 
 def network_config(config: dict[str, Any]) -> dict[str, Any]:
     """The complete network config of a validated capacitor config: its own section plus size, channels and L."""
-    image, field = config["image"], config["field"]
-    return {**config["network"], "size": image["size"], "channels": image["channels"], "L": field["L"]}
+    size, channels = field_space(config)
+    return {**config["network"], "size": size, "channels": channels, "L": config["field"]["L"]}
 
 
 def read_config(folder: Path) -> Any:
     """The parsed (not yet validated) config.json of a capacitor folder; every reason it cannot be read is a
     `CapacitorError`. Every reader of a capacitor config goes through here."""
     try:
-        return json.loads(_config_text(folder / CONFIG_NAME))
+        return json.loads(config_text(folder / CONFIG_NAME))
     except FileNotFoundError as error:
         raise CapacitorError(f"{folder} has no {CONFIG_NAME}") from error
     except RecursionError as error:
@@ -146,8 +195,9 @@ def read_config(folder: Path) -> Any:
         raise CapacitorError(f"{folder / CONFIG_NAME} is not valid JSON ({error})") from error
 
 
-def _config_text(path: Path) -> str:
-    """The text of a config.json, refused (ValueError) unless it is a regular file of at most `MAX_CONFIG_BYTES`.
+def config_text(path: Path) -> str:
+    """The text of a config.json (a capacitor's or an autoencoder's), refused (ValueError) unless it is a regular
+    file of at most `MAX_CONFIG_BYTES`.
 
     A folder from elsewhere may link config.json to /dev/zero or a FIFO: reading those would never end.
     """
@@ -183,6 +233,7 @@ def new_config(
     preprocessing: dict[str, Any] | None = None,
     sampler: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    latent: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A complete, validated capacitor config (what `efm train` writes). `network` may be a full network config:
     the size, channels and L it repeats must match the capacitor's and are stored once."""
@@ -197,5 +248,6 @@ def new_config(
             "preprocessing": preprocessing or {"resize": "resize", "hflip": False},
             "sampler": sampler or {"solver": "dopri5", "rtol": 1e-4, "atol": 1e-4},
             "training": training or {},
+            **({"latent": latent} if latent is not None else {}),
         }
     )

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 from efm_cli import __version__
 from efm_cli.capacitor.card import LIBRARY_NAME, render
 from efm_cli.capacitor.format import (
+    AUTOENCODER_DIR,
+    AUTOENCODER_FILES,
+    AUTOENCODER_WEIGHTS,
     CARD_NAME,
     CONFIG_NAME,
     SAMPLE_NAME,
@@ -37,7 +41,7 @@ from efm_cli.capacitor.format import (
 )
 from efm_cli.errors import EfmError
 
-ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, SAMPLE_NAME)
+ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, SAMPLE_NAME, *AUTOENCODER_FILES)
 """The files of a capacitor on the Hub; anything else in a repo is never downloaded."""
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -194,6 +198,32 @@ def download(
     return folder
 
 
+def download_files(ref: str, names: Sequence[str], *, token: str | None = None, endpoint: str | None = None) -> Path:
+    """The cached snapshot of Hub repo `ref` holding exactly the files `names` (an autoencoder's config and
+    weights), downloading what the cache lacks; offline (HF_HUB_OFFLINE) it reads the cache only."""
+    repo_id, revision = split_ref(ref)
+    endpoint = endpoint or _constants().ENDPOINT
+    try:
+        folder = Path(
+            _hub().snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(names),
+                endpoint=endpoint,
+                token=token,
+                local_files_only=is_offline(),
+                library_name=LIBRARY_NAME,
+                library_version=__version__,
+            )
+        )
+    except Exception as error:
+        raise explain(error, repo_id, revision, endpoint, token=token) from error
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise HubError(f"{_where(repo_id, revision)} has no {', '.join(missing)}", "check the repo name")
+    return folder
+
+
 def _from_cache(repo_id: str, revision: str | None, cache: str | None) -> Path:
     """The cached snapshot of a revision, without any request; a HubError (worded for offline use) if none."""
     hub = _hub()
@@ -239,9 +269,20 @@ def _check_config(path: Path, repo_id: str, revision: str | None) -> None:
 
 
 def check_folder(folder: Path) -> dict[str, Any]:
-    """Validate a capacitor folder without torch: its config, and the safetensors header of its weights."""
+    """Validate a capacitor folder without torch: its config, and the safetensors header of its weights (and of a
+    latent capacitor's autoencoder, whose config.json must at least name a kind efm reads)."""
     config = validate(read_config(folder))
     parameters(folder / WEIGHTS_NAME)
+    if "latent" in config:
+        autoencoder = folder / AUTOENCODER_DIR
+        found = read_config(autoencoder)
+        kind = found.get("_class_name") if isinstance(found, dict) else None
+        if kind != config["latent"]["kind"]:
+            raise CapacitorError(
+                f"{AUTOENCODER_DIR}/{CONFIG_NAME} holds a {kind!r}, "
+                f"not the {config['latent']['kind']} that config.json names"
+            )
+        parameters(autoencoder / AUTOENCODER_WEIGHTS)
     return config
 
 
@@ -282,9 +323,9 @@ def parameters(path: Path) -> int:
             raise ValueError("tensor data does not fill the file")
         return sum(math.prod(entry["shape"]) for entry in tensors)
     except FileNotFoundError as error:
-        raise CapacitorError(f"{path.parent} has no {WEIGHTS_NAME}") from error
+        raise CapacitorError(f"{path.parent} has no {path.name}") from error
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise CapacitorError(f"{WEIGHTS_NAME} is not a valid safetensors file ({error})") from error
+        raise CapacitorError(f"{path.name} is not a valid safetensors file ({error})") from error
 
 
 def _forget(repo_id: str, commit: str, cache: str | None) -> None:
@@ -451,6 +492,10 @@ def push(
     ]
     if sample is not None:
         operations.append(hub.CommitOperationAdd(path_in_repo=SAMPLE_NAME, path_or_fileobj=str(sample)))
+    if "latent" in config:
+        operations += [
+            hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model / name)) for name in AUTOENCODER_FILES
+        ]
     api = hub.HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
     try:
         api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from efm_cli.capacitor import hub, registry
 from efm_cli.capacitor.format import (
+    AUTOENCODER_DIR,
     CONFIG_NAME,
     FORMAT,
     WEIGHTS_NAME,
@@ -29,15 +30,22 @@ from efm_cli.devices import PRECISIONS, Precision
 from efm_cli.files import atomic_path, write_json
 from efm_cli.integrator import Solution, integrate
 from efm_cli.network import build
+from efm_cli.tensors import load_into
+
+if TYPE_CHECKING:
+    from efm_cli.autoencoder import Autoencoder, LatentScale
 
 
 @dataclass(frozen=True)
 class Translation:
-    """Translated images in the capacitor's value range, and the integrator's per-sample report."""
+    """Translated images in the capacitor's value range, and the integrator's per-sample report (its `x` are what
+    the field moved: the images, or a latent capacitor's codes)."""
 
     images: Tensor
     solution: Solution
     direction: Direction
+    reconstruction: Tensor | None = None
+    """A latent capacitor's decoded input (with `reconstruct=True`): the autoencoder's version of the input."""
 
 
 class Capacitor:
@@ -49,12 +57,61 @@ class Capacitor:
     `efm_cli.capacitor.hub` keeps loading safetensors-only and validated.
     """
 
-    def __init__(self, config: dict[str, Any], network: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], network: nn.Module | None = None, *, autoencoder: Autoencoder | None = None
+    ) -> None:
         self.config = validate(config)
         try:
             self.network = (network if network is not None else build(network_config(self.config))).eval()
         except (TypeError, ValueError) as error:
             raise CapacitorError(f"config.json: invalid network: {error}") from error
+        self.autoencoder: Autoencoder | None = None
+        self.scale: LatentScale | None = None
+        latent = self.config.get("latent")
+        if latent is None:
+            if autoencoder is not None:
+                raise CapacitorError("config.json has no 'latent' section, so this capacitor takes no autoencoder")
+            return
+        from efm_cli.autoencoder import LatentScale
+
+        if autoencoder is None:
+            raise CapacitorError(f"a latent capacitor needs its autoencoder (the folder's {AUTOENCODER_DIR}/)")
+        found = (autoencoder.kind, autoencoder.factor, autoencoder.latent_channels)
+        if found != (latent["kind"], latent["factor"], latent["channels"]):
+            raise CapacitorError(
+                f"the autoencoder ({found[0]}, {found[1]}× smaller, {found[2]} channels) does not match config.json's "
+                f"latent section ({latent['kind']}, {latent['factor']}×, {latent['channels']} channels)"
+            )
+        self.autoencoder = autoencoder.eval()
+        self.scale = LatentScale(latent["mean"], latent["std"])
+
+    @property
+    def latent(self) -> bool:
+        """Whether the field lives in an autoencoder's latent space."""
+        return self.autoencoder is not None
+
+    def to(self, device: str | torch.device) -> Capacitor:
+        """Move the network (and a latent capacitor's autoencoder) to `device`."""
+        for module in (self.network, self.autoencoder, self.scale):
+            if module is not None:
+                module.to(device)
+        return self
+
+    @torch.inference_mode()
+    def encode(self, images: Tensor) -> Tensor:
+        """What the field moves for images [b, C, S, S] in [−1, 1]: the images, or their normalised latent codes."""
+        if self.autoencoder is None or self.scale is None:
+            return images
+        with torch.autocast(images.device.type, enabled=False):
+            return self.scale.normalise(self.autoencoder.encode(images.float()))
+
+    @torch.inference_mode()
+    def decode(self, codes: Tensor) -> Tensor:
+        """Images in [−1, 1] from what the field moves (`encode`'s inverse up to the autoencoder's loss)."""
+        if self.autoencoder is None or self.scale is None:
+            return codes.clamp(-1.0, 1.0)
+        with torch.autocast(codes.device.type, enabled=False):
+            return self.autoencoder.decode(self.scale.restore(codes.float()))
 
     @property
     def source(self) -> str:
@@ -82,9 +139,6 @@ class Capacitor:
         The keywords are huggingface_hub ModelHubMixin's. Either way only config.json and model.safetensors are
         read, both checked; Hub downloads go through `efm_cli.capacitor.hub` (capacitor files only, no pickle weights).
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         ref = os.fspath(folder)
         if not Path(ref).is_dir() and hub.parse_hub_ref(ref) is not None:
             if revision is not None:
@@ -97,25 +151,15 @@ class Capacitor:
         folder = Path(folder)
         if not folder.is_dir():
             raise CapacitorError(f"{folder} is not a capacitor folder")
-        capacitor = cls(read_config(folder))
-        try:
-            weights = load_file(folder / WEIGHTS_NAME)
-        except FileNotFoundError as error:
-            raise CapacitorError(f"{folder} has no {WEIGHTS_NAME}") from error
-        except (SafetensorError, OSError) as error:
-            raise CapacitorError(f"{folder / WEIGHTS_NAME} is not a valid safetensors file ({error})") from error
-        expected = capacitor.network.state_dict()
-        missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
-        if missing or unexpected:
-            raise CapacitorError(
-                f"{WEIGHTS_NAME} does not match config.json: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
-        for name, tensor in weights.items():
-            if tensor.shape != expected[name].shape or not tensor.is_floating_point():
-                raise CapacitorError(f"{WEIGHTS_NAME}: '{name}' has shape {list(tensor.shape)} {tensor.dtype}")
-        capacitor.network.load_state_dict({k: v.float() for k, v in weights.items()})
-        capacitor.network.to(device)
+        config = validate(read_config(folder))
+        autoencoder = None
+        if "latent" in config:
+            from efm_cli.autoencoder import Autoencoder
+
+            autoencoder = Autoencoder.from_folder(folder / AUTOENCODER_DIR)
+        capacitor = cls(config, autoencoder=autoencoder)
+        load_into(capacitor.network, folder / WEIGHTS_NAME, CapacitorError)
+        capacitor.to(device)
         return capacitor
 
     def save_pretrained(
@@ -142,6 +186,8 @@ class Capacitor:
         }
         with atomic_path(folder / WEIGHTS_NAME) as temporary:
             save_file(state, str(temporary), metadata={"format": FORMAT})
+        if self.autoencoder is not None:
+            self.autoencoder.save(folder / AUTOENCODER_DIR, dtype=dtype)
         write_json(folder / CONFIG_NAME, self.config)
         if push_to_hub:
             if repo_id is None:
@@ -194,13 +240,16 @@ class Capacitor:
         direction: Direction = "forward",
         solver: str | None = None,
         precision: Precision = "fp32",
+        reconstruct: bool = False,
         **options: Any,
     ) -> Translation:
         """Carry images [b, C, H, W] in [−1, 1] (the capacitor's size) along the field lines to the other plate.
 
         `to` names the destination domain (it picks the direction); `solver` and `options` (rtol, atol, steps, …)
         default to the capacitor's sampler settings. `precision` "bf16" or "fp16" runs the network under autocast,
-        while the integrator's state and error control stay in fp32, where the tolerances mean something.
+        while the integrator's state and error control stay in fp32, where the tolerances mean something. A latent
+        capacitor encodes the images, integrates their codes and decodes the end points (the autoencoder in fp32);
+        with `reconstruct` it also returns the decoded input, what the translation should be compared with.
         """
         if precision not in PRECISIONS:
             raise CapacitorError(f"unknown precision {precision!r}; expected fp32, bf16 or fp16")
@@ -213,7 +262,7 @@ class Capacitor:
         configured = defaults.pop("solver", "dopri5")
         z0, z1 = self.plates(direction)
         param = next(self.network.parameters())
-        x = images.to(param.device, param.dtype)
+        x = self.encode(images.to(param.device, param.dtype))
         low = torch.float16 if precision == "fp16" else torch.bfloat16
         with torch.autocast(param.device.type, dtype=low, enabled=precision != "fp32"):
             solution = integrate(
@@ -224,4 +273,5 @@ class Capacitor:
                 solver=solver or configured,
                 **{**defaults, **options},
             )
-        return Translation(images=solution.x.clamp(-1.0, 1.0), solution=solution, direction=direction)
+        reconstruction = self.decode(x) if reconstruct and self.latent else None
+        return Translation(self.decode(solution.x), solution, direction, reconstruction)

@@ -2,7 +2,7 @@
 
 `resolve(ref)` tries, in this order:
 
-1. an existing local folder (`./runs/h2z/model`, `~/caps/h2z`): used as it is;
+1. an existing local folder (`./runs/h2z/model`, `~/caps/h2z`): used as it is, or its `model/` for a training run;
 2. a Hub reference, `user/name` or `user/name@revision` (branch, tag or full commit hash): downloaded into the
    shared HF cache by `efm_cli.capacitor.hub` (a cache hit needs no file request; offline, the cache alone answers);
 3. a short name: the folder name of an embedded capacitor (`weights/NAME`), or the repo name of a cached Hub
@@ -94,7 +94,7 @@ def resolve(ref: str) -> Path:
     """The local folder of a reference, in the order of the module docstring; Hub errors are `hub.HubError`s."""
     path = Path(ref).expanduser()
     if path.is_dir():
-        return path
+        return hub.locate_capacitor(path)[0]  # a training run folder stands for its model/
     if hub.parse_hub_ref(ref) is not None:
         return hub.download(ref)
     entries = known()

@@ -19,6 +19,7 @@ import typer
 from efm_cli import __version__
 from efm_cli import env as env_info
 from efm_cli.cli import console
+from efm_cli.cli.autoencoder import autoencoder_command
 from efm_cli.cli.console import ExitCode
 from efm_cli.cli.eval import eval_command
 from efm_cli.cli.hub import download_command, models_command, push_command
@@ -89,6 +90,7 @@ app.command("models")(models_command)
 app.command("download")(download_command)
 app.command("push")(push_command)
 app.command("eval")(eval_command)
+app.command("autoencoder")(autoencoder_command)
 
 
 def _human(value: Any) -> str:

@@ -59,9 +59,12 @@ def _without_empty_commit_warning() -> None:
 
 def _describe(name: str, path: Path, origin: str, config: dict[str, Any]) -> dict[str, Any]:
     from efm_cli.capacitor import hub
-    from efm_cli.capacitor.format import WEIGHTS_NAME
+    from efm_cli.capacitor.format import AUTOENCODER_DIR, AUTOENCODER_WEIGHTS, WEIGHTS_NAME
 
-    weights = path / WEIGHTS_NAME
+    weights = [path / WEIGHTS_NAME]
+    latent = config.get("latent")
+    if latent is not None:
+        weights.append(path / AUTOENCODER_DIR / AUTOENCODER_WEIGHTS)
     return {
         "name": name,
         "origin": origin,
@@ -70,8 +73,12 @@ def _describe(name: str, path: Path, origin: str, config: dict[str, Any]) -> dic
         "resolution": config["image"]["size"],
         "channels": config["image"]["channels"],
         "field": config["field"]["kind"],
-        "size_bytes": weights.stat().st_size,
-        "parameters": hub.parameters(weights),
+        "space": "latent" if latent else "pixels",
+        "autoencoder": {"kind": latent["kind"], "factor": latent["factor"], "channels": latent["channels"]}
+        if latent
+        else None,
+        "size_bytes": sum(file.stat().st_size for file in weights),
+        "parameters": sum(hub.parameters(file) for file in weights),
     }
 
 
@@ -87,7 +94,8 @@ def models_command(
 ) -> None:
     """List the capacitors this machine has: embedded ones (weights/) and Hub downloads in the HF cache.
 
-    Columns: name (what --model accepts), domains, resolution, field kind, size, origin.
+    Columns: name (what --model accepts), domains, resolution, field kind, space (pixels or an autoencoder's
+    latent), size (the autoencoder's weights included), origin.
     PATHS (optional) adds capacitor or training-run folders, with origin "path".
     Nothing is downloaded; no network request is made.
 
@@ -122,12 +130,14 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
     from rich.text import Text
 
     table = Table()
-    for column in ("name", "domains", "resolution", "field", "size", "origin"):
+    for column in ("name", "domains", "resolution", "field", "space", "size", "origin"):
         table.add_column(column, overflow="fold")
     for row in rows:
         size = f"{row['size_bytes'] / 1e6:.1f} MB / {row['parameters'] / 1e6:.2f} M params"
         domains = f"{row['domains'][0]} ↔ {row['domains'][1]}"
-        cells = (row["name"], domains, f"{row['resolution']}×{row['resolution']}", row["field"], size, row["origin"])
+        space = "pixels" if row["autoencoder"] is None else f"latent ({row['autoencoder']['kind']})"
+        resolution = f"{row['resolution']}×{row['resolution']}"
+        cells = (row["name"], domains, resolution, row["field"], space, size, row["origin"])
         table.add_row(*(Text(str(cell)) for cell in cells))
     console.out_console().print(table)
 

@@ -72,6 +72,14 @@ def train_command(
         FieldChoice,
         typer.Option(help="tube: the interaction field of IFM; coulomb: EFM's field.", rich_help_panel=_FIELD),
     ] = FieldChoice.tube,
+    latent: Annotated[
+        str | None,
+        typer.Option(
+            help="Train in an autoencoder's latent space: an autoencoder folder (diffusers AutoencoderTiny or "
+            "AutoencoderKL), an 'efm autoencoder' run, or a Hub repo user/name[@revision]. The capacitor ships it.",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
     plate_distance: Annotated[
         float | None,
         typer.Option(
@@ -204,11 +212,12 @@ def train_command(
             log_every=log_every,
             checkpoint_every=checkpoint_every,
             sample_every=sample_every,
+            latent=latent,
         )
         run = out if out is not None else Path("runs") / f"{settings.source_name}2{settings.target_name}"
         if run.exists() and any(run.iterdir()):
             raise EfmError(f"{run} already holds files", f"continue it with --resume {run}, or pick another --out")
-    reporter = _Reporter(settings.schedule.total, quiet or json_output)
+    reporter = Reporter(settings.schedule.total, quiet or json_output)
     console.info(f"training {settings.source_name} → {settings.target_name} in {run}")
     try:
         summary = fit(
@@ -253,7 +262,7 @@ def _refuse_changes(ctx: typer.Context) -> None:
         )
 
 
-class _Reporter:
+class Reporter:
     """A Rich progress bar on a terminal; otherwise one plain line every 30 seconds (for logs of background runs)."""
 
     def __init__(self, total: int, silent: bool) -> None:

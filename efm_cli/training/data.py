@@ -9,7 +9,7 @@ batch. Small folders are decoded once and kept in memory as uint8; large ones ar
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,17 +97,60 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def get(self, indices: Tensor) -> Tensor:
-        """uint8 [k, 3, size, size] for the given indices."""
+    @property
+    def streaming(self) -> bool:
+        """Whether images are decoded per batch (too many to keep in memory)."""
+        return self.pixels is None
+
+    def get(self, indices: Tensor, flips: Tensor | None = None) -> Tensor:
+        """float32 [k, 3, size, size] in [−1, 1] for the given indices, mirrored where `flips` says."""
         if self.pixels is not None:
-            return self.pixels[indices]
-        images = []
-        for i in indices.tolist():
-            try:
-                images.append(_decode(self.paths[i], self.prep))
-            except ImageError as error:
-                raise DataError(f"{self.paths[i]}: {error}; remove it or convert it and resume") from error
-        return torch.stack(images)
+            pixels = self.pixels[indices]
+        else:
+            images = []
+            for i in indices.tolist():
+                try:
+                    images.append(_decode(self.paths[i], self.prep))
+                except ImageError as error:
+                    raise DataError(f"{self.paths[i]}: {error}; remove it or convert it and resume") from error
+            pixels = torch.stack(images)
+        images = pixels.float() / 127.5 - 1.0
+        if flips is not None:
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        return images
+
+
+class LatentFolder:
+    """The images of an `ImageFolder` as latent codes, encoded once (mirrored copies too when the plate flips)."""
+
+    streaming = False
+
+    def __init__(self, images: ImageFolder, encode: Callable[[Tensor], Tensor], *, batch: int = 32) -> None:
+        self.prep, self.paths, self.skipped = images.prep, images.paths, images.skipped
+
+        def codes(flip: bool) -> Tensor:
+            parts = []
+            for chunk in torch.arange(len(images)).split(batch):
+                parts.append(encode(images.get(chunk, torch.full((len(chunk),), flip))).float().cpu())
+            return torch.cat(parts)
+
+        self.codes = codes(False)
+        self.mirrored = codes(True) if self.prep.hflip else None
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def get(self, indices: Tensor, flips: Tensor | None = None) -> Tensor:
+        """float32 codes [k, c, h, w]: of the mirrored image where `flips` says."""
+        if flips is None or self.mirrored is None:
+            return self.codes[indices]
+        return torch.where(flips[:, None, None, None], self.mirrored[indices], self.codes[indices])
+
+    def normalise(self, transform: Callable[[Tensor], Tensor]) -> None:
+        """Apply `transform` (per-channel normalisation) to every stored code."""
+        self.codes = transform(self.codes)
+        if self.mirrored is not None:
+            self.mirrored = transform(self.mirrored)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -117,7 +160,9 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 class BatchStream:
     """Batch k of a plate: rows k·B … (k+1)·B − 1 of the endless sequence of seeded epochs."""
 
-    def __init__(self, data: ImageFolder | None, batch: int, seed: int, *, shape: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, data: ImageFolder | LatentFolder | None, batch: int, seed: int, *, shape: tuple[int, ...] = ()
+    ) -> None:
         self.data, self.batch, self.seed, self.shape = data, batch, seed, shape
         self._epoch: tuple[int, Tensor, Tensor] | None = None
 
@@ -132,7 +177,7 @@ class BatchStream:
         return self._epoch[1], self._epoch[2]
 
     def rows(self, k: int, rows: slice = slice(None)) -> Tensor:
-        """Batch k (or the given rows of it) as float32 in [−1, 1]."""
+        """Batch k (or the given rows of it) as float32: images in [−1, 1], or codes."""
         positions = torch.arange(k * self.batch, (k + 1) * self.batch)[rows]
         if self.data is None:
             gen = _epoch_generator(self.seed, k)
@@ -145,10 +190,7 @@ class BatchStream:
             indices.append(order[mine])
             flips.append(flip[mine])
         index, flip = torch.cat(indices), torch.cat(flips)
-        images = self.data.get(index).float() / 127.5 - 1.0
-        if self.data.prep.hflip:
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images
+        return self.data.get(index, flip if self.data.prep.hflip else None)
 
 
 class _Pairs(Dataset[tuple[Tensor, Tensor]]):

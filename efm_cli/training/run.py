@@ -31,8 +31,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from efm_cli import __version__, devices
-from efm_cli.capacitor.format import SAMPLE_NAME, SIZE_RULE, new_config, size_ok
+from efm_cli import __version__, autoencoder, devices
+from efm_cli.autoencoder import Autoencoder, LatentScale
+from efm_cli.capacitor.format import (
+    AUTOENCODER_DIR,
+    CONFIG_NAME,
+    SAMPLE_NAME,
+    SIZE_RULE,
+    SIZE_STEP,
+    new_config,
+    size_ok,
+)
 from efm_cli.capacitor.model import Capacitor
 from efm_cli.devices import Precision
 from efm_cli.errors import EfmError, UsageError
@@ -46,6 +55,7 @@ from efm_cli.training.data import (
     BatchStream,
     DataError,
     ImageFolder,
+    LatentFolder,
     Preprocessing,
     ResizeMode,
     batches,
@@ -95,6 +105,8 @@ class RunSettings:
     sample_every: int = 500
     samples: int = 8
     sample_steps: int = 20
+    latent: str | None = None
+    """The autoencoder folder a latent run started from; the run keeps its own copy in RUN/autoencoder."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +128,10 @@ class RunSettings:
 
 DEFAULT_STEPS = 20000
 """Steps of a run when nobody says otherwise."""
+LATENT_SPREAD = 2.0
+"""How much farther apart latent codes lie than pixels of the same dimension: codes are normalised to unit variance
+per channel, while photo pixels in [−1, 1] spread with a standard deviation of about 0.5; the default tube width
+grows with the typical distance between paired charges (docs/method.md §7)."""
 
 
 class SettingsError(UsageError):
@@ -151,12 +167,14 @@ def new_settings(
     log_every: int = 10,
     checkpoint_every: int = 500,
     sample_every: int = 500,
+    latent: str | None = None,
 ) -> RunSettings:
     """The settings of a new run between two folders, with efm's defaults, checked against each other.
 
     `source` may be a CycleGAN-style folder (trainA/, trainB/) when `target` is None, and either plate may be
     `noise`. Unset L, charges and tube width S take the defaults of the field kind; unset plate names come from
-    the folders. Every rule that `efm train` enforces is here, so that a Python caller gets the same ones.
+    the folders. `latent` (an autoencoder folder, `efm autoencoder` run or Hub repo) makes a latent capacitor.
+    Every rule that `efm train` enforces is here, so that a Python caller gets the same ones.
     """
     if source is None:
         raise SettingsError("nothing to train on", "pass --source A --target B, or --resume RUN")
@@ -185,6 +203,17 @@ def new_settings(
                 )
     if not size_ok(size):
         raise SettingsError(f"--size {size} is not {SIZE_RULE}", "use 32, 64, 128 or 256")
+    width = default_tube_width(size)
+    if latent is not None:
+        folder = autoencoder.locate(latent)
+        factor, channels = autoencoder.shape_of(folder)
+        if size % (SIZE_STEP * factor):
+            raise SettingsError(
+                f"--size {size} is not a multiple of {SIZE_STEP * factor}",
+                f"the autoencoder makes images {factor}× smaller; the field network needs a multiple of {SIZE_STEP}",
+            )
+        width = LATENT_SPREAD * default_tube_width(size // factor, channels)
+        latent = str(folder.resolve())
     charges = charges if charges is not None else DEFAULT_CHARGES[field]
     if charges < points:
         raise SettingsError(f"--charges {charges} is below --batch-size {points}", "points lie between charges")
@@ -200,7 +229,7 @@ def new_settings(
             L=L if L is not None else DEFAULT_L[field],
             mode=mode,
             gamma=gamma,
-            S=S if S is not None else default_tube_width(size),
+            S=S if S is not None else width,
             scheme=scheme,
             plan=plan,
         )
@@ -223,6 +252,7 @@ def new_settings(
         log_every=log_every,
         checkpoint_every=checkpoint_every,
         sample_every=sample_every,
+        latent=latent,
     )
 
 
@@ -292,7 +322,7 @@ def read_settings(run: Path) -> RunSettings:
         raise RunError(f"{run / 'config.json'} is not a valid run config ({error})") from error
 
 
-def _folder(name: str, prep: Preprocessing) -> ImageFolder | None:
+def open_folder(name: str, prep: Preprocessing) -> ImageFolder | None:
     if name == NOISE:
         return None
     try:
@@ -348,9 +378,15 @@ class _Distributed:
 
 
 def _capacitor_config(
-    settings: RunSettings, network: dict[str, Any], trainer: Trainer, counts: tuple[int, int], seconds: float
+    settings: RunSettings,
+    network: dict[str, Any],
+    trainer: Trainer,
+    counts: tuple[int, int],
+    seconds: float,
+    latent: dict[str, Any] | None = None,
 ) -> dict:
     return new_config(
+        latent=latent,
         source=settings.source_name,
         target=settings.target_name,
         network=network,
@@ -373,9 +409,10 @@ def _capacitor_config(
     )
 
 
-def _grid(rows: list[Tensor]) -> np.ndarray:
-    """Rows of image batches [n, 3, s, s] in [−1, 1] as one uint8 picture with 2-pixel gaps."""
-    n, _, s, _ = rows[0].shape
+def grid(rows: list[Tensor]) -> np.ndarray:
+    """Rows of image batches [n, 3, s, s] in [−1, 1] (n may differ between rows) as one uint8 picture with 2-pixel
+    gaps, on white."""
+    n, s = max(len(images) for images in rows), rows[0].shape[-1]
     gap = 2
     canvas = torch.ones(3, len(rows) * (s + gap) - gap, n * (s + gap) - gap)
     for r, images in enumerate(rows):
@@ -491,16 +528,19 @@ def _fit(
     started = time.monotonic()
     device = dist.device
     prep = settings.prep
-    source_data, target_data = _folder(settings.source, prep), _folder(settings.target, prep)
+    source_data, target_data = open_folder(settings.source, prep), open_folder(settings.target, prep)
     if source_data is None and target_data is None:
         raise RunError("both plates are noise", "give at least one image folder")
-    shape = (3, prep.size, prep.size)
+    space = _Space(settings, run, resume, device)
+    if space.autoencoder is not None:
+        source_data, target_data = space.encode(source_data, target_data)
+    shape = space.shape
     streams = (
         BatchStream(source_data, settings.charges, settings.seed * 2, shape=shape),
         BatchStream(target_data, settings.charges, settings.seed * 2 + 1, shape=shape),
     )
     counts = (len(source_data) if source_data else 0, len(target_data) if target_data else 0)
-    network_config = preset(settings.network, size=prep.size, L=settings.field.L).to_dict()
+    network_config = preset(settings.network, channels=shape[0], size=shape[1], L=settings.field.L).to_dict()
     torch.manual_seed(settings.seed)
     network = build(network_config).to(device)
     model: nn.Module = network
@@ -557,7 +597,7 @@ def _fit(
         try:
             checkpoint.save(checkpoints, trainer.step, tensors, {**meta, "elapsed_s": elapsed})
             metrics.plot(run / "loss.png")
-            _export(settings, trainer, sampler_net, counts, elapsed, run)
+            _export(settings, trainer, sampler_net, counts, elapsed, run, space)
         except (OSError, SafetensorError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise RunError(
@@ -574,7 +614,7 @@ def _fit(
         rows=share.rows(settings.charges),
         workers=_workers(workers, source_data, target_data),
     )
-    with _StopOnSignal(warn) as interrupt:
+    with StopOnSignal(warn) as interrupt:
         while trainer.step < end:
             out_of_time = budget.minutes is not None and time.monotonic() - session_start >= budget.minutes * 60
             if dist.any(out_of_time or interrupt.requested):
@@ -609,13 +649,13 @@ def _fit(
                 if on_progress is not None and dist.main:
                     on_progress(record)
             if trainer.step % settings.sample_every == 0 and dist.main:
-                _write_samples(run, trainer, sampler_net, fixed, settings)
+                _write_samples(run, trainer, sampler_net, fixed, settings, space)
             if trainer.step % settings.checkpoint_every == 0:
                 save_everything()
                 last_saved = trainer.step
     if trainer.step != last_saved or not (run / "model").is_dir():
         if dist.main:
-            _write_samples(run, trainer, sampler_net, fixed, settings)
+            _write_samples(run, trainer, sampler_net, fixed, settings, space)
         save_everything()
     if stopped == "interrupted":
         raise KeyboardInterrupt
@@ -635,7 +675,7 @@ def _fit(
     )
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """The first Ctrl-C (or SIGTERM) asks the loop to stop after the current step, so that the checkpoint it then
     writes is a step boundary; a second one interrupts at once, leaving the previous checkpoint as it was."""
 
@@ -650,7 +690,7 @@ class _StopOnSignal:
         self.requested = True
         self.warn("stopping after this step (press Ctrl-C again to stop at once, without saving)")
 
-    def __enter__(self) -> _StopOnSignal:
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -661,9 +701,9 @@ class _StopOnSignal:
             signal.signal(signum, handler)
 
 
-def _workers(requested: int | None, *folders: ImageFolder | None) -> int:
+def _workers(requested: int | None, *folders: ImageFolder | LatentFolder | None) -> int:
     """Decoding processes: none when every folder is held in memory, else what was asked (default 2)."""
-    streaming = any(f is not None and f.pixels is None for f in folders)
+    streaming = any(f is not None and f.streaming for f in folders)
     if requested is not None:
         return requested
     return 2 if streaming else 0
@@ -674,7 +714,7 @@ def _sample_inputs(stream: BatchStream, count: int) -> Tensor:
     if stream.data is None:
         return _noise_samples(stream, count)
     index = torch.arange(min(count, len(stream.data)))
-    return stream.data.get(index).float() / 127.5 - 1.0
+    return stream.data.get(index)
 
 
 def _noise_samples(stream: BatchStream, count: int) -> Tensor:
@@ -683,7 +723,9 @@ def _noise_samples(stream: BatchStream, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def _write_samples(run: Path, trainer: Trainer, net: nn.Module, fixed: Tensor, settings: RunSettings) -> None:
+def _write_samples(
+    run: Path, trainer: Trainer, net: nn.Module, fixed: Tensor, settings: RunSettings, space: _Space
+) -> None:
     """samples/step-XXXXXXXX.png: the fixed sources above their translations along the EMA field (Euler)."""
     ema = trainer.ema_network(net)
     device = next(ema.parameters()).device
@@ -691,18 +733,84 @@ def _write_samples(run: Path, trainer: Trainer, net: nn.Module, fixed: Tensor, s
     solution = integrate(
         ema, fixed.to(device), spec.eps, spec.L - spec.eps, solver="euler", steps=settings.sample_steps
     )
-    grid = _grid([fixed, solution.x.float().cpu()])
-    save_atomic(run / "samples" / f"step-{trainer.step:08d}.png", grid)
+    pictures = [space.decode(points.to(device)) for points in (fixed, solution.x.float())]
+    save_atomic(run / "samples" / f"step-{trainer.step:08d}.png", grid(pictures))
 
 
 def _export(
-    settings: RunSettings, trainer: Trainer, net: nn.Module, counts: tuple[int, int], seconds: float, run: Path
+    settings: RunSettings,
+    trainer: Trainer,
+    net: nn.Module,
+    counts: tuple[int, int],
+    seconds: float,
+    run: Path,
+    space: _Space,
 ) -> None:
-    """RUN/model: the capacitor with the EMA weights, and the newest sample grid beside it."""
-    config = _capacitor_config(settings, net.config.to_dict(), trainer, counts, seconds)
+    """RUN/model: the capacitor with the EMA weights (and a latent one's autoencoder), and the newest sample grid."""
+    config = _capacitor_config(settings, net.config.to_dict(), trainer, counts, seconds, space.latent_config())
     model = run / "model"
-    Capacitor(config, network=trainer.ema_network(net)).save_pretrained(model)
+    Capacitor(config, network=trainer.ema_network(net), autoencoder=space.autoencoder).save_pretrained(model)
     grids = sorted((run / "samples").glob("step-*.png"))
     if grids:
         with atomic_path(model / SAMPLE_NAME) as temporary:
             shutil.copyfile(grids[-1], temporary)
+
+
+class _Space:
+    """Where a run's charges live: pixels, or a latent capacitor's normalised latent codes.
+
+    A latent run copies its autoencoder into RUN/autoencoder when it starts and reads only that copy afterwards, so
+    the run does not depend on the folder it was given; it encodes every image once per session (and the mirrored
+    image when the plate flips), and measures the per-channel statistics on the unmirrored codes of both plates.
+    """
+
+    def __init__(self, settings: RunSettings, run: Path, resume: bool, device: torch.device) -> None:
+        self.settings, self.device = settings, device
+        size = settings.prep.size
+        self.shape: tuple[int, int, int] = (3, size, size)
+        self.autoencoder: Autoencoder | None = None
+        self.scale: LatentScale | None = None
+        if settings.latent is None:
+            return
+        copy = run / AUTOENCODER_DIR
+        if not (resume and (copy / CONFIG_NAME).is_file()):
+            Autoencoder.from_folder(settings.latent).save(copy)
+        self.autoencoder = Autoencoder.from_folder(copy, device=device)
+        self.shape = self.autoencoder.latent_shape(size)
+
+    @torch.no_grad()
+    def encode(self, *plates: ImageFolder | None) -> list[LatentFolder | None]:
+        """The normalised codes of each plate's images (a noise plate, None, stays noise)."""
+        assert self.autoencoder is not None
+        model, device = self.autoencoder, self.device
+        encoded = [
+            LatentFolder(plate, lambda images: model.encode(images.to(device))) if plate is not None else None
+            for plate in plates
+        ]
+        self.scale = LatentScale.measure(torch.cat([codes.codes for codes in encoded if codes is not None]))
+        for codes in encoded:
+            if codes is not None:
+                codes.normalise(self.scale.normalise)
+        return encoded
+
+    @torch.no_grad()
+    def decode(self, points: Tensor) -> Tensor:
+        """Pictures in [−1, 1] of points of this space (for sample grids)."""
+        if self.autoencoder is None or self.scale is None:
+            return points.cpu()
+        scale = self.scale.to(points.device)
+        return self.autoencoder.decode(scale.restore(points)).float().cpu()
+
+    def latent_config(self) -> dict[str, Any] | None:
+        """The capacitor config's `latent` section, or None for a pixel capacitor."""
+        if self.autoencoder is None or self.scale is None:
+            return None
+        channels, _, _ = self.shape
+        origin = self.settings.latent or ""
+        return {
+            "kind": self.autoencoder.kind,
+            "factor": self.autoencoder.factor,
+            "channels": channels,
+            **self.scale.to_config(),
+            "origin": origin[-300:],
+        }
