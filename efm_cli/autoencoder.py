@@ -259,9 +259,11 @@ def locate(ref: str) -> Path:
     """The autoencoder folder `ref` names: a folder, an `efm autoencoder` run (its model/), or a Hub repo holding a
     diffusers autoencoder at its root (downloaded into the HF cache: config.json and safetensors weights only)."""
     path = Path(ref)
-    for folder in (path, path / "model"):
-        if (folder / CONFIG_NAME).is_file():
+    for folder in (path, path / "model"):  # a run folder has a config.json of its own: look for the weights
+        if (folder / WEIGHTS_NAME).is_file():
             return folder
+    if (path / CONFIG_NAME).is_file():
+        return path
     from efm_cli.capacitor import hub
 
     if not path.exists() and hub.parse_hub_ref(ref) is not None:

@@ -96,7 +96,7 @@ class UNetConfig:
         sane = (
             4 <= self.base <= 1024
             and self.base % 4 == 0
-            and 1 <= self.channels <= 4
+            and 1 <= self.channels <= 64
             and 1 <= self.blocks <= 8
             and 1 <= levels <= 8
             and all(isinstance(m, int) and 1 <= m <= 16 for m in self.mult)

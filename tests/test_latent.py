@@ -336,6 +336,12 @@ def test_autoencoder_command_trains_resumes_and_reports(tmp_path: Path, capsys: 
     assert report["step"] == 4 and 0 < report["reconstruction"][str(target)]["psnr"] < 60
     autoencoder = Autoencoder.from_folder(run / "model")
     assert autoencoder.latent_shape(16) == (8, 2, 2)
+    # The run folder itself is what `--latent` takes; its 8 latent channels are what the field network sees.
+    latent_run = tmp_path / "latent-run"
+    args = ["train", "--source", str(source), "--target", str(target), "--latent", str(run), "--size", "64"]
+    args += ["--network", "tiny", "--charges", "2", "--batch-size", "2", "--steps", "1", "--out", str(latent_run)]
+    assert main([*args, "-q"]) == 0
+    assert Capacitor.from_pretrained(latent_run / "model").network.config.channels == 8
     assert AutoencoderSettings(source="a", target="b").steps == 3000
     with pytest.raises(UsageError, match="batch size must be even"):
         AutoencoderSettings(source="a", target="b", batch=3)
