@@ -187,11 +187,7 @@ def fit_autoencoder(
         else:
             tensors, meta = checkpoint.load(found)
             autoencoder.model.load_state_dict(tensors["model"])
-            state: dict[int, dict[str, Tensor]] = {}
-            for key, value in tensors["optimizer"].items():
-                index, name = key.split(".", 1)
-                state.setdefault(int(index), {})[name] = value.to(target_device) if name != "step" else value
-            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            checkpoint.load_optimizer(optimizer, tensors["optimizer"], meta["param_groups"], target_device)
             step = int(meta["step"])
             started -= float(meta.get("elapsed_s", 0.0))
     write_settings(run, settings)
@@ -204,17 +200,10 @@ def fit_autoencoder(
     def save() -> None:
         nonlocal report
         report = _samples_and_report(run, autoencoder, fixed, step)
-        optimizer_state = optimizer.state_dict()
-        tensors = {
-            "model": {k: v.detach().cpu().contiguous() for k, v in autoencoder.model.state_dict().items()},
-            "optimizer": {
-                f"{index}.{name}": value.detach().cpu().contiguous()
-                for index, entries in optimizer_state["state"].items()
-                for name, value in entries.items()
-            },
-        }
-        elapsed = time.monotonic() - started
-        meta = {"step": step, "param_groups": optimizer_state["param_groups"], "elapsed_s": elapsed}
+        optimizer_state, groups = checkpoint.optimizer_tensors(optimizer)
+        model = {k: v.detach().cpu().contiguous() for k, v in autoencoder.model.state_dict().items()}
+        tensors = {"model": model, "optimizer": optimizer_state}
+        meta = {"step": step, "param_groups": groups, "elapsed_s": time.monotonic() - started}
         try:
             checkpoint.save(checkpoints, step, tensors, meta)
             autoencoder.save(run / "model")

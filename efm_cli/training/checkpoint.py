@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from efm_cli.errors import EfmError
@@ -108,3 +109,25 @@ def load(folder: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {folder} cannot be read ({error})") from error
     return tensors, meta
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """An optimizer's state as flat safetensors-ready tensors (`<param index>.<name>`) and its JSON-able groups."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().contiguous()
+        for index, entries in state["state"].items()
+        for name, value in entries.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict[str, Any]], device: torch.device
+) -> None:
+    """Restore what `optimizer_tensors` saved (Adam's step counters stay on the CPU, as torch keeps them)."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value.to(device) if name != "step" else value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

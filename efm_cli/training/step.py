@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from efm_cli.devices import Precision
 from efm_cli.field import coulomb_target, ot_pairing, sample_points, tube_target
+from efm_cli.training import checkpoint
 
 FieldKind = Literal["coulomb", "tube"]
 Pairing = Literal["independent", "ot"]
@@ -256,18 +257,13 @@ class Trainer:
 
     def state(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
         """Everything a resumed run needs: tensors by file name, and the JSON-able rest."""
-        optimizer = self.optimizer.state_dict()
-        tensors = {
-            f"{index}.{name}": value.detach().cpu().contiguous()
-            for index, state in optimizer["state"].items()
-            for name, value in state.items()
-        }
+        tensors, groups = checkpoint.optimizer_tensors(self.optimizer)
         meta = {
             "step": self.step,
             "skipped": self.skipped,
             "seed": self.seed,
             "ema_updates": self.ema.updates,
-            "param_groups": optimizer["param_groups"],
+            "param_groups": groups,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
         model = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
@@ -281,11 +277,7 @@ class Trainer:
         names = [name for name, _ in self.network.named_parameters()]
         self.ema.shadow = [tensors["ema"][name].to(self.device).float() for name in names]
         self.ema.updates = int(meta["ema_updates"])
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors["optimizer"].items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value.to(self.device) if name != "step" else value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        checkpoint.load_optimizer(self.optimizer, tensors["optimizer"], meta["param_groups"], self.device)
         if meta.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.skipped = int(meta["step"]), int(meta["skipped"])
