@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -70,7 +71,7 @@ def autoencoder_command(
         run = resume
         settings = read_settings(resume)
         if steps is not None:
-            settings = AutoencoderSettings(**{**settings.__dict__, "steps": steps})
+            settings = replace(settings, steps=steps)
     else:
         if source is None:
             raise UsageError("say which images to learn from", "pass --source and --target, or a CycleGAN folder")

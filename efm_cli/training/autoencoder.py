@@ -23,7 +23,7 @@ from efm_cli import __version__, devices
 from efm_cli.autoencoder import Autoencoder
 from efm_cli.errors import UsageError
 from efm_cli.files import write_json
-from efm_cli.images import find_images, save_atomic
+from efm_cli.images import find_images, load, save_atomic, to_tensor
 from efm_cli.training import checkpoint
 from efm_cli.training.data import BatchStream, Preprocessing, batches
 from efm_cli.training.run import Budget, Progress, RunError, StopOnSignal, grid, open_folder
@@ -143,8 +143,6 @@ class AutoencoderSummary:
 
 def _held_out_images(settings: AutoencoderSettings, prep: Preprocessing) -> dict[str, Tensor]:
     """A fixed few images per held-out folder (the first in sorted order), for the report and the grid."""
-    from efm_cli.images import load, to_tensor
-
     chosen = {}
     for folder in settings.held_out:
         paths = find_images(Path(folder))[:HELD_OUT]
