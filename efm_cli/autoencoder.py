@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from efm_cli.capacitor.format import AUTOENCODER_KINDS, AUTOENCODER_WEIGHTS, CONFIG_NAME, config_text
 from efm_cli.errors import EfmError
 from efm_cli.files import atomic_path, write_json
-from efm_cli.tensors import load_into
+from efm_cli.tensors import Shapes, check_header, count, header, load_into, meta_shapes
 
 WEIGHTS_NAME = AUTOENCODER_WEIGHTS
 MAX_PARAMETERS = 500_000_000
@@ -149,6 +149,28 @@ def downsampling(config: dict[str, Any]) -> int:
     return 2 ** (stages - 1)
 
 
+def _construct(config: dict[str, Any]) -> nn.Module:
+    """The diffusers model a checked config describes, on the current default device."""
+    import diffusers
+
+    arguments = {k: v for k, v in config.items() if k != "_class_name"}
+    return getattr(diffusers, config["_class_name"])(**arguments)
+
+
+def weight_shapes(config: dict[str, Any]) -> Shapes:
+    """Name → shape of the weights a checked config describes, sized on the meta device (nothing is allocated);
+    refused above `MAX_PARAMETERS`, or when diffusers cannot build it (widths its group norms do not divide)."""
+    try:
+        shapes = meta_shapes(lambda: _construct(config))
+    except (TypeError, ValueError) as error:
+        raise AutoencoderError(f"autoencoder config.json describes no {config['_class_name']} ({error})") from error
+    if count(shapes) > MAX_PARAMETERS:
+        raise AutoencoderError(
+            f"autoencoder config.json describes {count(shapes):,} parameters; at most {MAX_PARAMETERS:,}"
+        )
+    return shapes
+
+
 def _read_config(folder: Path) -> Any:
     path = folder / CONFIG_NAME
     try:
@@ -167,18 +189,9 @@ class Autoencoder(nn.Module):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        import diffusers
-
         self.config = validate_config(config)
-        arguments = {k: v for k, v in self.config.items() if k != "_class_name"}
-        with torch.device("meta"):
-            probe = getattr(diffusers, self.config["_class_name"])(**arguments)
-        count = sum(p.numel() for p in probe.parameters())
-        if count > MAX_PARAMETERS:
-            raise AutoencoderError(
-                f"autoencoder config.json describes {count:,} parameters; at most {MAX_PARAMETERS:,}"
-            )
-        self.model = getattr(diffusers, self.config["_class_name"])(**arguments)
+        weight_shapes(self.config)
+        self.model = _construct(self.config)
         self.factor = downsampling(self.config)
         self.latent_channels = int(self.model.config.latent_channels)
 
@@ -201,17 +214,22 @@ class Autoencoder(nn.Module):
         return self.model.decode(latents).sample.clamp(-1.0, 1.0)
 
     def forward(self, images: Tensor) -> Tensor:
-        """The reconstruction of `images`."""
-        return self.decode(self.encode(images))
+        """The reconstruction of `images`, not clamped: training needs gradients where the decoder overshoots, or on
+        mostly black images (digits) it settles below −1 everywhere and stops learning."""
+        return self.model.decode(self.encode(images)).sample
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Autoencoder:
-        """Load a diffusers autoencoder folder, checking the config before building and every weight before use."""
+        """Load a diffusers autoencoder folder: the config is checked, and the weights' header compared with what it
+        describes, before anything is built; every value is checked before use."""
         folder = Path(folder)
         if not folder.is_dir():
             raise AutoencoderError(f"{folder} is not an autoencoder folder")
-        autoencoder = cls(_read_config(folder))
-        load_into(autoencoder.model, folder / WEIGHTS_NAME, AutoencoderError)
+        config = validate_config(_read_config(folder))
+        weights = folder / WEIGHTS_NAME
+        check_header(weight_shapes(config), header(weights, AutoencoderError), weights, AutoencoderError)
+        autoencoder = cls(config)
+        load_into(autoencoder.model, weights, AutoencoderError)
         return autoencoder.to(device).eval()
 
     def save(self, folder: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:

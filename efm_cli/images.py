@@ -24,6 +24,9 @@ from efm_cli.files import atomic_path
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 """Lower-case file suffixes `find_images` picks up; matching is case-insensitive."""
 
+OUTPUT_MARKER = ".efm-output"
+"""Hidden file that marks a folder of `efm translate` outputs; `find_images` does not enter such folders."""
+
 _SAVE_FORMATS = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
@@ -196,15 +199,19 @@ def save_atomic(
 def find_images(root: Path) -> list[Path]:
     """Image files under `root`, recursively, in a stable order (sorted by relative POSIX path).
 
-    Hidden files and folders are skipped (editor and OS litter, our own temporary files). Symlinked folders are
-    not entered, so a link back up the tree can neither loop nor list a file twice. Symlinked files are kept, and
+    Hidden files and folders are skipped (editor and OS litter, our own temporary files), and so are subfolders
+    marked as outputs of an earlier translation (`OUTPUT_MARKER`): a run over a folder never takes them for inputs.
+    `root` itself is always searched, marked or not: translating outputs back is the user's choice. Symlinked folders
+    are not entered, so a link back up the tree can neither loop nor list a file twice. Symlinked files are kept, and
     so are dangling or looping links, which `load` then reports as unreadable instead of their vanishing without a
     word; FIFOs and devices are left out, since reading one could block forever.
     """
     root = Path(root)
     found: list[Path] = []
     for folder, subfolders, files in os.walk(root, followlinks=False):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        subfolders[:] = [
+            name for name in subfolders if not name.startswith(".") and not Path(folder, name, OUTPUT_MARKER).exists()
+        ]
         for name in files:
             candidate = Path(folder, name)
             if name.startswith(".") or candidate.suffix.lower() not in IMAGE_SUFFIXES:
@@ -212,3 +219,12 @@ def find_images(root: Path) -> list[Path]:
             if candidate.is_file() or (candidate.is_symlink() and not candidate.exists()):
                 found.append(candidate)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def in_output_folder(path: Path, root: Path) -> bool:
+    """Whether `path` is, or lies in, a folder below `root` that is marked as translation outputs (`OUTPUT_MARKER`):
+    what `find_images(root)` would skip, for paths found some other way (a glob)."""
+    relative = Path(os.path.relpath(path, root)).parts
+    if relative[:1] == ("..",):
+        return False
+    return any(Path(root, *relative[: depth + 1], OUTPUT_MARKER).exists() for depth in range(len(relative)))

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from efm_cli.tensors import count, meta_shapes
+
 Z_SCALE = 1000.0
+MAX_ATTENTION_SIDE = 64
+MAX_ATTENTION = MAX_ATTENTION_SIDE**2
+"""Most positions one attention block may cover: its memory and time grow with their square, and 128×128 took
+2.9 GB and minutes per image on a CPU (64×64: a sixteenth). The presets stay valid up to tiny at 128 pixels, small at
+256 and base at 512; the embedded capacitors attend over 8×8 and 16×16."""
 
 
 def height_embedding(z: Tensor, L: float, dim: int) -> Tensor:
@@ -91,6 +98,9 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         levels = len(self.mult)
+        whole = all(type(v) is int for v in (self.channels, self.size, self.base, self.blocks, *self.mult))
+        if not whole:  # `true` in a JSON config is an int to Python, 32.0 a float that torch would refuse late
+            raise ValueError(f"channels, size, base, blocks and mult must be integers in {self}")
         if self.size % 8 or self.size % 2 ** (levels - 1):
             raise ValueError(f"image size {self.size} must be a multiple of 8 and of {2 ** (levels - 1)}")
         sane = (
@@ -99,12 +109,27 @@ class UNetConfig:
             and 1 <= self.channels <= 64
             and 1 <= self.blocks <= 8
             and 1 <= levels <= 8
-            and all(isinstance(m, int) and 1 <= m <= 16 for m in self.mult)
+            and all(1 <= m <= 16 for m in self.mult)
             and 0 <= self.dropout < 1
             and 0 < self.L < math.inf
         )
         if not sane:
             raise ValueError(f"invalid UNet config {self}")
+        side = self.attention_side
+        if side * side > MAX_ATTENTION:
+            raise ValueError(
+                f"the UNet's attention would cover {side}×{side} = {side * side:,} positions, more than "
+                f"{MAX_ATTENTION:,} ({MAX_ATTENTION_SIDE}×{MAX_ATTENTION_SIDE}); give 'mult' more levels (each "
+                f"halves the resolution), list no resolution above {MAX_ATTENTION_SIDE} in 'attention', or use a "
+                "smaller image size"
+            )
+
+    @property
+    def attention_side(self) -> int:
+        """Side of the widest feature map self-attention covers: the middle block's (the lowest resolution), or a
+        larger resolution listed in `attention`."""
+        sides = [self.size >> level for level in range(len(self.mult))]
+        return max(side for side in sides if side == sides[-1] or side in self.attention)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "unet", **asdict(self)}
@@ -228,10 +253,9 @@ def build(config: dict[str, Any]) -> nn.Module:
     if kind == "unet":
         rest = {k: tuple(v) if k in ("mult", "attention") else v for k, v in rest.items()}
         unet = UNetConfig(**rest)
-        with torch.device("meta"):
-            count = sum(p.numel() for p in UNetField(unet).parameters())
-        if count > MAX_PARAMETERS:
-            raise ValueError(f"the network would have {count:.3g} parameters, more than {MAX_PARAMETERS:.3g}")
+        parameters = count(meta_shapes(lambda: UNetField(unet)))
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(f"the network would have {parameters:.3g} parameters, more than {MAX_PARAMETERS:.3g}")
         return UNetField(unet)
     if kind == "mlp":
         return MLPField(MLPConfig(**rest))

@@ -5,10 +5,13 @@ decodes and downsizes the next batches while the field is integrated, and anothe
 their pixel size and writes them atomically, so that the integrator is never waiting for PIL. Every input ends up with
 one `Record` (translated, existing, skipped with a reason, or failed with a reason), in the order of the plan.
 
-Layout (README, "Output layout"): one folder in → its tree directly under OUT; one file in → OUT/<name>;
-several inputs → each keeps its own name under OUT. OUT defaults to `<input>-to-<domain>` beside the one input, or
-`<common parent>-to-<domain>` beside the inputs' common parent folder. Outputs never overwrite inputs, and files
-inside OUT are never read as inputs, even when OUT lies inside an input folder.
+Layout (README, "Output layout"): one folder in → its tree directly under OUT; one file in → OUT/<name>; a glob →
+its matches named relative to its fixed leading folder (`'imgs/*.jpg'` gives what the shell's `imgs/*.jpg` gives);
+several inputs → each folder keeps its own name under OUT. OUT defaults to `<folder>-to-<domain>` beside the folder
+the outputs are named relative to (a folder input itself, a file's folder, a glob's fixed folder; the common parent
+of several inputs), so that it never lies inside an input folder. Outputs never overwrite inputs; files inside OUT
+are never read as inputs, even when OUT lies inside an input folder; and a default OUT is marked (`OUTPUT_MARKER`),
+so that later scans of a folder around it skip it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import glob
 import math
 import os
 import random
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,8 +41,18 @@ from efm_cli.capacitor.format import Direction
 from efm_cli.capacitor.model import Capacitor
 from efm_cli.devices import Precision
 from efm_cli.errors import EfmError, UsageError
-from efm_cli.files import remove_stale_temporaries
-from efm_cli.images import IMAGE_SUFFIXES, ImageError, Loaded, find_images, load, save_atomic, to_tensor
+from efm_cli.files import atomic_path, remove_stale_temporaries
+from efm_cli.images import (
+    IMAGE_SUFFIXES,
+    OUTPUT_MARKER,
+    ImageError,
+    Loaded,
+    find_images,
+    in_output_folder,
+    load,
+    save_atomic,
+    to_tensor,
+)
 from efm_cli.integrator import Status
 
 RecordStatus = Literal["translated", "existing", "skipped", "failed"]
@@ -80,6 +94,8 @@ class Plan:
 
     jobs: list[Job]
     out: Path
+    default: bool = False
+    """Whether OUT is efm's own default folder, which `prepare_out` marks as an output folder."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,13 @@ class _Input:
     root: Path
     """The folder itself, the glob's fixed leading folder, or a file's parent."""
     name: str
-    """What the input is called under OUT when there are several inputs."""
+    """What a folder or file input is called under OUT when there are several inputs (a glob adds no name)."""
+
+    @property
+    def container(self) -> Path:
+        """The folder the input's outputs are named relative to, among several inputs: a folder's parent (it keeps
+        its own name under OUT), a file's folder, a glob's fixed leading folder."""
+        return _named(self.root).parent if self.kind == "folder" else self.root
 
 
 def _named(path: Path) -> Path:
@@ -133,27 +155,25 @@ def _files(item: _Input, out: Path) -> list[Path]:
         for match in sorted(glob.glob(os.path.expanduser(item.text), recursive=True)):
             path = Path(match)
             found.extend(find_images(path) if path.is_dir() else [path] if path.is_file() else [])
+    if item.kind == "glob":  # a match may be, or lie in, a marked output folder below the fixed folder
+        found = [path for path in found if not in_output_folder(path, item.root)]
     if _is_inside(out, item.root) or item.kind == "glob":
         found = [path for path in found if not _is_inside(path, out)]
     return found
 
 
-def _anchor(item: _Input) -> Path:
-    """The path an input's default output folder is named after and put beside."""
-    return _named(item.root if item.kind == "glob" else Path(item.text).expanduser())
-
-
 def default_out(inputs: Sequence[str], domain: str) -> Path:
-    """`<input>-to-<domain>` beside a single input; `<parent>-to-<domain>` beside the common parent of several."""
+    """`<folder>-to-<domain>` beside the folder the outputs are named relative to: the one input's `root` (a folder
+    itself, a file's folder, a glob's fixed folder), or the common folder of several inputs' containers. Never inside
+    an input folder, so a later run over that folder cannot take these outputs for inputs."""
     items = [_parse_input(text) for text in inputs]
     if len(items) == 1:
-        anchor = _anchor(items[0])
-        stem = anchor.stem if items[0].kind == "file" else anchor.name
-        return anchor.parent / f"{stem}-to-{domain}"
-    common = Path(os.path.commonpath([_anchor(item).resolve().parent for item in items]))
-    if common.parent == common:
-        raise PlanError("the inputs have no common parent folder to put the output beside", "pass --out DIR")
-    return common.parent / f"{common.name}-to-{domain}"
+        base = _named(items[0].root)  # the folder itself, a file's folder, a glob's fixed folder
+    else:
+        base = Path(os.path.commonpath([item.container.resolve() for item in items]))
+    if base.parent == base:
+        raise PlanError(f"{base} has no parent folder to put the output folder beside", "pass --out DIR")
+    return base.parent / f"{base.name}-to-{domain}"
 
 
 def plan(inputs: Sequence[str], *, domain: str, out: str | os.PathLike[str] | None = None) -> Plan:
@@ -169,7 +189,7 @@ def plan(inputs: Sequence[str], *, domain: str, out: str | os.PathLike[str] | No
         _check_distinct_names(items)
     jobs: dict[Path, Job] = {}
     for item in items:
-        base = out_dir / item.name if several and item.kind != "file" else out_dir
+        base = out_dir / item.name if several and item.kind == "folder" else out_dir
         for source in _files(item, out_dir):
             relative = Path(source.name) if item.kind == "file" else source.relative_to(item.root)
             job = Job(source, base / relative)
@@ -180,13 +200,14 @@ def plan(inputs: Sequence[str], *, domain: str, out: str | os.PathLike[str] | No
                     "translate them in separate runs, or pass their common folder",
                 )
     _check_no_overwrite(jobs.values(), items, out_dir)
-    return Plan(sorted(jobs.values(), key=lambda job: job.output.as_posix()), out_dir)
+    return Plan(sorted(jobs.values(), key=lambda job: job.output.as_posix()), out_dir, default=out is None)
 
 
 def _check_distinct_names(items: list[_Input]) -> None:
+    """Folders and files each take OUT/<name>; two with one name would mix (globs add no name of their own)."""
     seen: dict[str, str] = {}
     for item in items:
-        if seen.setdefault(item.name, item.text) != item.text:
+        if item.kind != "glob" and seen.setdefault(item.name, item.text) != item.text:
             raise PlanError(
                 f"inputs {seen[item.name]} and {item.text} would both go to OUT/{item.name}",
                 "translate them in separate runs",
@@ -204,14 +225,55 @@ def _check_no_overwrite(jobs: Iterable[Job], items: list[_Input], out: Path) -> 
             raise PlanError(f"writing {job.output} would overwrite an input", "pass a different --out")
 
 
-def check_sheet(path: str | os.PathLike[str], jobs: Sequence[Job]) -> Path:
-    """A --grid or --trajectory file name: an image format we can write, and not one of the inputs."""
+def check_sheet(path: str | os.PathLike[str], jobs: Sequence[Job], out: Path | None = None) -> Path:
+    """A --grid or --trajectory file name, checked before anything is translated: an image format we can write,
+    not a folder (nor OUT, or a folder above it), in a folder we can write to, and neither an input nor an output."""
     path = Path(path).expanduser()
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise PlanError(f"{path.name}: unknown image format", f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
-    if _real(path) in {_real(job.source) for job in jobs}:
+    if path.is_dir():
+        raise PlanError(f"{path} is a folder", "give the file name of the picture, e.g. sheet.jpg")
+    if out is not None and _is_inside(out, path):
+        raise PlanError(f"{path} is where the outputs go ({out})", "give the picture a file name of its own")
+    real = _real(path)
+    if real in {_real(job.source) for job in jobs}:
         raise PlanError(f"writing {path} would overwrite an input", "pick another file name")
+    clash = next((job for job in jobs if _real(job.output) == real), None)
+    if clash is not None:
+        raise PlanError(f"writing {path} would overwrite the translation of {clash.source}", "pick another file name")
+    check_writable(path.parent)
     return path
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and open a nameless temporary file in it, so that a folder nobody can write to stops the run
+    before anything is translated, not after; a `TranslateError` says why."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise _unwritable(folder, error) from error
+
+
+def prepare_out(plan: Plan) -> None:
+    """Make sure OUT can be written before anything is translated, and mark a default OUT as efm's output folder.
+
+    The mark (`OUTPUT_MARKER`, a hidden file) lets folder scans skip the outputs of earlier runs when they lie inside
+    a folder translated later. A folder given with --out is the user's and is left unmarked.
+    """
+    check_writable(plan.out)
+    marker = plan.out / OUTPUT_MARKER
+    if plan.default and not marker.exists():
+        try:
+            with atomic_path(marker) as temporary:
+                temporary.write_text("Outputs of efm translate: efm never reads this folder as input of another run.\n")
+        except OSError as error:
+            raise _unwritable(plan.out, error) from error
+
+
+def _unwritable(folder: Path, error: OSError) -> TranslateError:
+    return TranslateError(f"cannot write to {folder}: {error.strerror or error}", "pass a folder you can write to")
 
 
 def shard(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
@@ -330,9 +392,10 @@ class Record:
     nfe: int | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The record with absolute paths, as every path of the --json report is."""
         return {
-            "path": str(self.path),
-            "output": str(self.output),
+            "path": os.path.abspath(self.path),
+            "output": os.path.abspath(self.output),
             "status": self.status,
             "reason": self.reason,
             "nfe": self.nfe,

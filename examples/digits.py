@@ -13,6 +13,10 @@ folders byte-identical.
 
 Digits are trained at their own 32×32 and without flips: a mirrored 2 is not a 2, and flips would teach the target
 plate mirrored threes that no test three resembles.
+
+MNIST comes from `--mnist PATH` (an `mnist.npz` with x_train, y_train, x_test, y_test, or a folder where torchvision
+keeps MNIST/raw/), which never touches the network; else from the project's shared data folder when it exists; else
+torchvision downloads it once into `--cache` (default `$EFM_CACHE/mnist`, that is `~/.cache/efm/mnist`).
 """
 
 from __future__ import annotations
@@ -24,9 +28,64 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from efm_cli.env import efm_cache_dir
+
 DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist.npz"
 DOMAINS = {"two": 2, "three": 3}
 SIZE = 32
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Digits [n, 28, 28] uint8 and their labels [n], by split ("train", "test")."""
+
+
+class MnistError(Exception):
+    """MNIST cannot be had; the message says why and `hint` what to do."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def from_npz(path: Path) -> Splits:
+    with np.load(path, allow_pickle=False) as data:
+        return {"train": (data["x_train"], data["y_train"]), "test": (data["x_test"], data["y_test"])}
+
+
+def from_torchvision(root: Path, download: bool) -> Splits:
+    """MNIST as torchvision keeps it under root/MNIST/raw; fetched there first when missing and `download` allows
+    (the ecosystem's usual source, with its checksums), so later builds run offline."""
+    from torchvision.datasets import MNIST
+
+    splits: Splits = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            data = MNIST(root, train=train, download=False)
+        except RuntimeError as missing:
+            if not download:
+                raise MnistError(f"{root} holds no MNIST/raw files", "pass --mnist PATH to mnist.npz") from missing
+            try:
+                data = MNIST(root, train=train, download=True)
+            except (RuntimeError, OSError) as error:
+                reason = str(error).strip().splitlines()[0].rstrip(":") if str(error).strip() else type(error).__name__
+                raise MnistError(
+                    f"MNIST is not in {root} and cannot be downloaded ({reason})",
+                    "pass --mnist PATH to a copy of mnist.npz, or connect to the internet once",
+                ) from error
+        splits[split] = (data.data.numpy(), data.targets.numpy())
+    return splits
+
+
+def load_mnist(mnist: Path | None, cache: Path) -> tuple[Splits, str]:
+    """The MNIST splits and where they came from: `mnist` (offline), else the shared data folder, else the
+    torchvision download cache."""
+    if mnist is not None:
+        if mnist.is_file():
+            return from_npz(mnist), str(mnist)
+        if mnist.is_dir():
+            return from_torchvision(mnist, download=False), str(mnist)
+        raise MnistError(f"{mnist} not found", "pass --mnist PATH to mnist.npz, or leave --mnist out to download")
+    if DEFAULT_MNIST.is_file():
+        return from_npz(DEFAULT_MNIST), str(DEFAULT_MNIST)
+    return from_torchvision(cache, download=True), str(cache)
 
 
 def hsv_to_rgb_full(hue_degrees: np.ndarray) -> np.ndarray:
@@ -50,10 +109,8 @@ def colour_digits(grey: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarra
     return np.rint(rgb * 255.0).astype(np.uint8), hues
 
 
-def build(mnist: Path, out: Path, per_split: int | None, seed: int) -> dict[str, int]:
+def build(splits: Splits, out: Path, per_split: int | None, seed: int) -> dict[str, int]:
     """Write out/{train,test}/{two,three}/NNNNN.png; return how many images each folder got."""
-    with np.load(mnist, allow_pickle=False) as data:
-        splits = {"train": (data["x_train"], data["y_train"]), "test": (data["x_test"], data["y_test"])}
     rng = np.random.default_rng(seed)
     written: dict[str, int] = {}
     for split, (digits, labels) in splits.items():
@@ -72,15 +129,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the coloured MNIST 2 → 3 folders (32×32 PNG).")
     parser.add_argument("out", type=Path, help="output folder; gets train/two, train/three, test/two, test/three")
     parser.add_argument("--per-split", type=int, default=None, help="at most N digits per folder (default: all)")
-    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help=f"mnist.npz (default: {DEFAULT_MNIST})")
+    parser.add_argument(
+        "--mnist",
+        type=Path,
+        default=None,
+        help="mnist.npz, or a folder holding torchvision's MNIST/raw/; read offline "
+        f"(default: {DEFAULT_MNIST} if it exists, else a download into --cache)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="where torchvision downloads MNIST to, once (default: $EFM_CACHE/mnist, i.e. ~/.cache/efm/mnist)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the colours (default: 0)")
     args = parser.parse_args(argv)
     if args.per_split is not None and args.per_split < 1:
         parser.error("--per-split must be at least 1")
-    if not args.mnist.is_file():
-        print(f"error: {args.mnist} not found — pass --mnist PATH to mnist.npz", file=sys.stderr)
+    try:
+        splits, origin = load_mnist(args.mnist, args.cache or efm_cache_dir() / "mnist")
+    except MnistError as error:
+        print(f"error: {error} — {error.hint}", file=sys.stderr)
         return 1
-    written = build(args.mnist, args.out, args.per_split, args.seed)
+    print(f"MNIST from {origin}", file=sys.stderr)
+    written = build(splits, args.out, args.per_split, args.seed)
     for folder, count in written.items():
         print(f"{args.out / folder}\t{count} images")
     return 0

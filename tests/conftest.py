@@ -36,6 +36,15 @@ _OUTPUT_VARIABLES = (
 Run = Callable[..., subprocess.CompletedProcess[str]]
 TINY = 16
 """Image size of the tiny capacitors below."""
+TINY_AE = {
+    "_class_name": "AutoencoderTiny",
+    "encoder_block_out_channels": [8, 8, 8],
+    "decoder_block_out_channels": [8, 8, 8],
+    "num_encoder_blocks": [0, 1, 1],
+    "num_decoder_blocks": [1, 1, 0],
+    "latent_channels": 4,
+}
+"""The config of a random autoencoder that makes images 4× smaller with 4 latent channels (32×32 → 4×8×8 codes)."""
 
 
 def _run(command: list[str], env: Mapping[str, str] | None, timeout: float) -> subprocess.CompletedProcess[str]:

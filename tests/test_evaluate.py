@@ -266,13 +266,14 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sampler={"solver": "euler", "steps": 4},
     )
     climbing_capacitor(config).save_pretrained(root / "cap")
-    for split, count in (("train", 24), ("test", 10)):
+    for split, count in (("train", 24), ("test", ev.MIN_HELD_OUT)):  # just enough held-out images to mean something
         bars(root / split / "a", True, count, 10 + count)
         bars(root / split / "b", False, count, 20 + count)
     return root
 
 
 REPORT_KEYS = {
+    "autoencoder",
     "model",
     "data",
     "classifier",
@@ -287,6 +288,8 @@ REPORT_KEYS = {
     "speed",
     "inception",
     "skipped",
+    "meaningful",
+    "meaningless_because",
 }
 
 
@@ -298,7 +301,8 @@ def test_eval_json_report_then_cached_rerun(run_efm, bench: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == REPORT_KEYS
-    assert report["data"]["split"] == "given" and report["data"]["images"]["source"] == 10
+    assert report["data"]["split"] == "given" and report["data"]["images"]["source"] == ev.MIN_HELD_OUT
+    assert report["meaningful"] and report["meaningless_because"] == []
     cls = report["classifier"]
     assert not cls["cached"] and Path(cls["path"]).parent == bench / "cap" / clf.CACHE_FOLDER
     assert cls["accuracy"] >= 0.9  # bars are easy, whatever their colour
@@ -307,8 +311,9 @@ def test_eval_json_report_then_cached_rerun(run_efm, bench: Path) -> None:
     assert report["fd"]["noise_floor"] < report["fd"]["no_op"]
     assert 0 <= report["target_rate"] <= 1 and report["robust_target_rate"] <= report["target_rate"]
     assert report["mean_abs_change"] > 0 and -1 <= report["structure_ssim"] <= 1
-    assert report["speed"]["nfe_mean"] == 4 and report["speed"]["device"] == "cpu" and report["speed"]["landed"] == 10
-    assert report["hue_images"] == 10 and 0 <= report["hue_difference_deg"] <= 180
+    assert report["speed"]["nfe_mean"] == 4 and report["speed"]["device"] == "cpu" and report["speed"]["landed"] == 50
+    assert report["hue_images"] == 50 and 0 <= report["hue_difference_deg"] <= 180
+    assert report["autoencoder"] is None  # a pixel capacitor has no round trip to report
     assert "training the domain classifier" in result.stderr
 
     (bench / "test/a/broken.png").write_bytes(b"not a png")
@@ -342,6 +347,64 @@ def test_without_train_folders_each_folder_is_split_in_half(
     bars(tmp_path / "few", True, 3, 0)
     with pytest.raises(ev.EvalError, match="4 images or more"):
         ev.assign_roles(tmp_path / "few", bench / "train/b", None, None, None, 0)
+
+
+def test_meaningless_because_names_each_domain_that_falls_short() -> None:
+    assert ev.meaningless_because({"horse": 120, "zebra": 140}, {"horse": 0.87, "zebra": 0.89}) == []
+    assert ev.meaningless_because({"horse": 2, "zebra": 140}, {"horse": 0.0, "zebra": 0.65}) == [
+        f"only 2 held-out horse images (at least {ev.MIN_HELD_OUT} needed)",
+        f"the classifier recognises 0% of the held-out horse images (at least {ev.MIN_ACCURACY:.0%} needed)",
+        f"the classifier recognises 65% of the held-out zebra images (at least {ev.MIN_ACCURACY:.0%} needed)",
+    ]
+
+
+def test_a_report_on_two_images_per_domain_means_nothing(
+    bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13: 2 + 2 held-out images once scored a target rate of 1.000, "trustworthy"."""
+    monkeypatch.setattr(clf.Settings, "steps", lambda self, count: 3)
+    monkeypatch.setattr(console, "_quiet", False)
+    monkeypatch.setenv("EFM_CACHE", str(tmp_path / "efm-cache"))
+    shutil.copytree(bench / "cap", tmp_path / "cap")
+    for name, vertical in (("a", True), ("b", False)):
+        bars(tmp_path / "few" / name, vertical, 2, 5)
+    args = ["eval", "--model", str(tmp_path / "cap"), "--source", str(tmp_path / "few/a")]
+    args += ["--target", str(tmp_path / "few/b"), "--train-source", str(bench / "train/a")]
+    args += ["--train-target", str(bench / "train/b"), "--report", str(tmp_path / "eval.json")]
+    assert main(args) == 0
+    table, stderr = capsys.readouterr()
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert not report["meaningful"] and not report["trick_test"]["trustworthy"]
+    assert report["meaningless_because"][:2] == [
+        f"only 2 held-out vertical images (at least {ev.MIN_HELD_OUT} needed)",
+        f"only 2 held-out horizontal images (at least {ev.MIN_HELD_OUT} needed)",
+    ]
+    assert "MEANINGLESS: only 2 held-out vertical images" in table and "trustworthy" not in table.lower()
+    assert f"warning: these numbers mean nothing: {'; '.join(report['meaningless_because'])}" in stderr.splitlines()
+    assert main([*args[:-2], "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["meaningful"] is False
+
+
+def test_a_classifier_that_calls_everything_target_makes_the_report_meaningless(
+    bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enough images, but a judge that calls every untouched source "target": its target rate of 1 says nothing."""
+    monkeypatch.setattr(clf.Settings, "steps", lambda self, count: 3)
+    monkeypatch.setattr(clf, "logits", lambda model, images, batch=256: torch.ones(len(images)))
+    monkeypatch.setenv("EFM_CACHE", str(tmp_path / "efm-cache"))
+    shutil.copytree(bench / "cap", tmp_path / "cap")
+    report = ev.report(
+        str(tmp_path / "cap"),
+        bench / "test/a",
+        bench / "test/b",
+        train_source=bench / "train/a",
+        train_target=bench / "train/b",
+    )
+    assert report["target_rate"] == 1.0 and report["classifier"]["accuracy"] == 0.5
+    assert not report["meaningful"] and not report["trick_test"]["trustworthy"]
+    assert report["meaningless_because"] == [
+        f"the classifier recognises 0% of the held-out vertical images (at least {ev.MIN_ACCURACY:.0%} needed)"
+    ]
 
 
 def test_eval_bad_inputs(

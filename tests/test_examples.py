@@ -1,12 +1,17 @@
 """The example scripts do what examples/README.md says."""
 
+import importlib.util
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
+from types import ModuleType
 
-from conftest import bars, make_capacitor
+import numpy as np
+import pytest
+from conftest import bars, make_capacitor, one_error_line
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +80,106 @@ def test_horse2zebra_script_trains_resumes_evaluates_and_draws_the_grid(tmp_path
     wrong = subprocess.run([script[0], str(tmp_path / "nowhere"), str(tmp_path / "r2")], capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "trainA/, trainB/" in wrong.stderr
     assert not (tmp_path / "r2").exists()
+
+
+# examples/digits.py: MNIST offline from --mnist, or downloaded once into a cache (the network is never touched here)
+
+
+def digits_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_mnist() -> dict[str, np.ndarray]:
+    """A few random 28×28 digits per split, labels 0–4, as mnist.npz holds them."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in (("train", 10), ("test", 6)):
+        arrays[f"x_{split}"] = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        arrays[f"y_{split}"] = (np.arange(count) % 5).astype(np.uint8)
+    return arrays
+
+
+def write_idx(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The arrays as the uncompressed IDX files torchvision keeps in ROOT/MNIST/raw (what its download leaves)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"train": "train", "test": "t10k"}
+    for split, prefix in names.items():
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        header = struct.pack(">iiii", 0x803, *images.shape)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 0x801, len(labels)) + labels.tobytes())
+
+
+def built(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
+    """The digits script with no shared mnist.npz and torchvision's download failing as it does without a network."""
+    from torchvision.datasets import MNIST
+
+    def no_network(self: MNIST) -> None:
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws.com/mnist/"
+        )
+
+    monkeypatch.setattr(MNIST, "download", no_network)
+    digits = digits_script()
+    monkeypatch.setattr(digits, "DEFAULT_MNIST", tmp_path / "no-shared" / "mnist.npz")
+    monkeypatch.setenv("EFM_CACHE", str(tmp_path / "efm-cache"))
+    return digits
+
+
+def test_digits_build_offline_from_an_npz_or_a_torchvision_folder(offline: ModuleType, tmp_path: Path) -> None:
+    arrays = fake_mnist()
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    write_idx(tmp_path / "tv" / "MNIST" / "raw", arrays)
+    assert offline.main([str(tmp_path / "from-npz"), "--mnist", str(tmp_path / "mnist.npz")]) == 0
+    assert offline.main([str(tmp_path / "from-tv"), "--mnist", str(tmp_path / "tv")]) == 0
+    npz = built(tmp_path / "from-npz")
+    assert sorted({name.rsplit("/", 1)[0] for name in npz}) == ["test/three", "test/two", "train/three", "train/two"]
+    assert len(npz) == 2 + 2 + 1 + 1  # labels 0–4 repeat: train has two 2s and two 3s, test one of each
+    assert built(tmp_path / "from-tv") == npz  # the same digits give the same files, whatever the source
+
+
+def test_digits_download_into_the_cache_when_no_mnist_is_given(
+    offline: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.datasets import MNIST
+
+    arrays = fake_mnist()
+    downloads: list[str] = []
+
+    def download(self: MNIST) -> None:  # what a successful download leaves behind
+        downloads.append(self.raw_folder)
+        write_idx(Path(self.raw_folder), arrays)
+
+    monkeypatch.setattr(MNIST, "download", download)
+    assert offline.main([str(tmp_path / "one"), "--cache", str(tmp_path / "cache")]) == 0
+    assert downloads == [str(tmp_path / "cache" / "MNIST" / "raw")]  # once: the test split found it there
+    assert offline.main([str(tmp_path / "two")]) == 0  # default cache: $EFM_CACHE/mnist
+    assert downloads[1:] == [str(tmp_path / "efm-cache" / "mnist" / "MNIST" / "raw")]
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    offline.main([str(tmp_path / "three"), "--mnist", str(tmp_path / "mnist.npz")])
+    assert built(tmp_path / "one") == built(tmp_path / "two") == built(tmp_path / "three")
+
+
+def test_digits_without_mnist_and_without_network_fail_with_one_line(
+    offline: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert offline.main([str(tmp_path / "out")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    cache = tmp_path / "efm-cache" / "mnist"
+    assert line == (
+        f"error: MNIST is not in {cache} and cannot be downloaded (Error downloading train-images-idx3-ubyte.gz) — "
+        "pass --mnist PATH to a copy of mnist.npz, or connect to the internet once"
+    )
+    assert offline.main([str(tmp_path / "out"), "--mnist", str(tmp_path / "missing.npz")]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: {tmp_path / 'missing.npz'} not found — ")
+    assert offline.main([str(tmp_path / "out"), "--mnist", str(tmp_path)]) == 1  # a folder without MNIST/raw
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: {tmp_path} holds no MNIST/raw files — ")
+    assert not (tmp_path / "out").exists()

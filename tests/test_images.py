@@ -11,7 +11,16 @@ import torch
 from PIL import Image
 
 from efm_cli import images
-from efm_cli.images import ImageError, find_images, from_tensor, load, save_atomic, to_tensor
+from efm_cli.images import (
+    OUTPUT_MARKER,
+    ImageError,
+    find_images,
+    from_tensor,
+    in_output_folder,
+    load,
+    save_atomic,
+    to_tensor,
+)
 
 WIDTH, HEIGHT = 12, 8
 
@@ -287,3 +296,16 @@ def test_find_images_recurses_sorted_skipping_hidden_and_links(tmp_path: Path) -
 
     expected = ["a.JPG", "b.png", "b/c.png", "b/sub/g.webp", "z.Tiff"]
     assert [p.relative_to(tmp_path).as_posix() for p in found] == expected
+
+
+def test_find_images_skips_marked_output_folders_below_the_root(tmp_path: Path) -> None:
+    for name in ("a.png", "out/b.png", "out/deeper/c.png", "sub/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "out" / OUTPUT_MARKER).write_text("")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["a.png", "sub/d.png"]
+    assert len(find_images(tmp_path / "out")) == 2  # a marked folder given itself is searched
+    assert in_output_folder(tmp_path / "out" / "deeper" / "c.png", tmp_path)
+    assert in_output_folder(tmp_path / "out", tmp_path)
+    assert not in_output_folder(tmp_path / "sub" / "d.png", tmp_path)
+    assert not in_output_folder(tmp_path / "out" / "b.png", tmp_path / "out")

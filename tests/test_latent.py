@@ -3,12 +3,13 @@ does with such a capacitor (train, translate at the input's size, eval, models, 
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import climbing_capacitor, noise_pixels, shapes, subprocess_env
+from conftest import TINY_AE, climbing_capacitor, noise_pixels, shapes, subprocess_env
 from hub_server import TOKEN, HubServer
 from PIL import Image
 
@@ -22,19 +23,10 @@ from efm_cli.cli.app import main
 from efm_cli.errors import UsageError
 from efm_cli.images import to_tensor
 from efm_cli.network import preset
-from efm_cli.training.autoencoder import AutoencoderSettings, reconstruction_report
+from efm_cli.training.autoencoder import PRESETS, AutoencoderSettings, reconstruction_loss, reconstruction_report
 from efm_cli.training.run import SettingsError, new_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated_hub")
-TINY_AE = {
-    "_class_name": "AutoencoderTiny",
-    "encoder_block_out_channels": [8, 8, 8],
-    "decoder_block_out_channels": [8, 8, 8],
-    "num_encoder_blocks": [0, 1, 1],
-    "num_decoder_blocks": [1, 1, 0],
-    "latent_channels": 4,
-}
-"""A random autoencoder that makes images 4× smaller, 4 latent channels: 16×16 images become 4×4×4 codes."""
 SIZE = 32
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -79,7 +71,7 @@ def test_our_folders_are_diffusers_folders_and_back(tmp_path: Path) -> None:
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(ours.encode(x), theirs.encode(x).latents)
-        torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x).latents).sample.clamp(-1, 1))
+        torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x).latents).sample)
     theirs.save_pretrained(tmp_path / "saved")
     again = Autoencoder.from_folder(tmp_path / "saved")
     assert ours.latent_shape(SIZE) == again.latent_shape(SIZE) == (4, 8, 8)
@@ -188,7 +180,8 @@ def test_a_latent_capacitor_round_trips_with_its_autoencoder(tmp_path: Path) -> 
     assert first.images.shape == x.shape and first.solution.x.shape == (3, 4, 8, 8)
     assert first.reconstruction is not None
     with torch.no_grad():
-        torch.testing.assert_close(first.reconstruction, capacitor.autoencoder(x))
+        ae = capacitor.autoencoder
+        torch.testing.assert_close(first.reconstruction, ae.decode(ae.encode(x)))
     # The field moved normalised codes: decoding the integrator's end points gives the translation.
     torch.testing.assert_close(capacitor.decode(first.solution.x), first.images)
 
@@ -233,7 +226,8 @@ def test_translate_trace_and_card_of_a_latent_capacitor(tmp_path: Path) -> None:
     _, states = tr.trace(capacitor, images(2), direction="forward", frames=4)
     assert states.shape == (2, 4, 3, SIZE, SIZE) and states.abs().max() <= 1
     with torch.no_grad():
-        torch.testing.assert_close(states[:, 0], capacitor.autoencoder(images(2)), atol=1e-4, rtol=0)
+        ae = capacitor.autoencoder
+        torch.testing.assert_close(states[:, 0], ae.decode(ae.encode(images(2))), atol=1e-4, rtol=0)
     card = render(capacitor.config, "bob/latent")
     assert "| space | latent |" in card and "AutoencoderTiny in autoencoder/, 4× smaller, 4×8×8 codes" in card
 
@@ -276,7 +270,15 @@ def test_train_latent_end_to_end_then_models_and_eval(tmp_path: Path, capsys: py
     eval_args = ["eval", "-m", str(run / "model"), "--source", str(source), "--target", str(target)]
     eval_args += ["--train-source", str(source), "--train-target", str(target)]
     assert main([*eval_args, "--report", str(report), "-q"]) == 0
-    assert json.loads(report.read_text())["speed"]["landed"] == 8
+    evaluated = json.loads(report.read_text())
+    assert evaluated["speed"]["landed"] == 8
+    # The autoencoder's own round trip of real images: the ceiling the translations are measured against.
+    ceiling = evaluated["autoencoder"]
+    assert set(ceiling) == {"target_rate", "robust_target_rate", "source_target_rate", "fd", "ssim"}
+    assert 0 <= ceiling["robust_target_rate"] <= ceiling["target_rate"] <= 1 and ceiling["fd"] >= 0
+    assert -1 <= ceiling["ssim"] < 1
+    assert main(eval_args) == 0
+    assert "autoencoder: robust" in capsys.readouterr().out
 
 
 def test_new_settings_check_the_autoencoder(tmp_path: Path) -> None:
@@ -345,3 +347,28 @@ def test_autoencoder_command_trains_resumes_and_reports(tmp_path: Path, capsys: 
     assert AutoencoderSettings(source="a", target="b").steps == 3000
     with pytest.raises(UsageError, match="batch size must be even"):
         AutoencoderSettings(source="a", target="b", batch=3)
+
+
+def test_a_4x_autoencoder_trains_on_black_images_and_resume_needs_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Mostly black pictures (digits) drive an untrained decoder below −1 everywhere; clamping there would zero the
+    # gradient and the loss would stay flat, so training reconstructs unclamped.
+    autoencoder = Autoencoder(PRESETS["small-4x"])
+    last = autoencoder.model.decoder.layers[-1]
+    with torch.no_grad():
+        last.bias.fill_(-5.0)
+    black = -torch.ones(2, 3, 16, 16)
+    reconstruction_loss(black, autoencoder(black), 1.0).backward()
+    assert last.bias.grad is not None and last.bias.grad.abs().sum() > 0
+    assert autoencoder.latent_shape(32) == (8, 8, 8)
+    source, target = shapes(tmp_path / "a", "square", 4, 0), shapes(tmp_path / "b", "disc", 4, 1)
+    run = tmp_path / "ae-run"
+    args = ["autoencoder", "--source", str(source), "--target", str(target), "--architecture", "small-4x"]
+    assert main([*args, "--size", "16", "--batch-size", "2", "--steps", "1", "--out", str(run), "-q"]) == 0
+    assert Autoencoder.from_folder(run / "model").latent_shape(16) == (8, 4, 4)
+    shutil.rmtree(run / "checkpoints")
+    capsys.readouterr()
+    assert main(["autoencoder", "--resume", str(run), "--steps", "2", "-q"]) == 1
+    assert "holds no checkpoint: there is nothing to resume" in capsys.readouterr().err
+    assert main([*args, "--architecture", "huge", "--out", str(tmp_path / "x"), "-q"]) == 2

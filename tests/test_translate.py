@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from efm_cli import devices
 from efm_cli import translate as tr
 from efm_cli.capacitor.model import Capacitor
-from efm_cli.images import load, to_tensor
+from efm_cli.images import OUTPUT_MARKER, load, to_tensor
 
 SIZE = 16
 
@@ -39,7 +39,7 @@ def test_files_globs_and_several_inputs_keep_their_names(tmp_path: Path) -> None
     (tmp_path / "more").mkdir()
     Image.fromarray(noise_pixels(8, 8, 3, 9)).save(tmp_path / "more" / "x.png")
     one = tr.plan([str(horses / "photo.jpg")], domain="zebra")
-    assert outputs(one) == {f"{horses}/photo.jpg": f"{tmp_path}/horses/photo-to-zebra/photo.jpg"}
+    assert outputs(one) == {f"{horses}/photo.jpg": f"{tmp_path}/horses-to-zebra/photo.jpg"}  # not inside horses/
     several = tr.plan([str(horses), str(tmp_path / "more"), str(horses / "a/grey.png")], domain="zebra", out="o")
     assert outputs(several)[f"{horses}/a/b/web.webp"] == "o/horses/a/b/web.webp"
     assert outputs(several)[f"{tmp_path}/more/x.png"] == "o/more/x.png"
@@ -52,6 +52,28 @@ def test_files_globs_and_several_inputs_keep_their_names(tmp_path: Path) -> None
     )
     globbed = tr.plan([f"{horses}/**/*.png"], domain="zebra", out="g")
     assert set(outputs(globbed).values()) == {"g/a/alpha.png", "g/a/grey.png", "g/a/b/deep16.png", "g/notes.png"}
+
+
+def test_the_default_out_lies_beside_the_folder_the_outputs_are_named_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_tree(Path("horses"))
+    (tmp_path / "more").mkdir()
+    Image.fromarray(noise_pixels(8, 8, 3, 9)).save("x.png")
+    cases = {
+        ("horses",): "horses-to-zebra",
+        ("horses/photo.jpg",): "horses-to-zebra",  # a file's own folder, never inside it
+        ("horses/a/grey.png",): "horses/a-to-zebra",
+        ("horses/*.jpg",): "horses-to-zebra",
+        ("horses/*.jpg", "horses/a/grey.png"): str(tmp_path / "horses-to-zebra"),
+        ("horses", "more"): str(tmp_path.parent / f"{tmp_path.name}-to-zebra"),
+        (".",): str(tmp_path.parent / f"{tmp_path.name}-to-zebra"),
+        ("x.png",): str(tmp_path.parent / f"{tmp_path.name}-to-zebra"),  # a file of the current folder
+    }
+    for inputs, out in cases.items():
+        assert tr.default_out(inputs, "zebra") == Path(out), inputs
+    assert tr.plan(["horses"], domain="zebra").default and not tr.plan(["horses"], domain="zebra", out="o").default
 
 
 def test_outputs_inside_the_input_tree_are_never_read_back(tmp_path: Path) -> None:
@@ -83,6 +105,31 @@ def test_plans_that_would_touch_inputs_or_clash_are_refused(tmp_path: Path) -> N
         tr.check_sheet(horses / "photo.jpg", tr.plan([str(horses)], domain="zebra").jobs)
     with pytest.raises(tr.PlanError, match="unknown image format"):
         tr.check_sheet(tmp_path / "sheet.txt", [])
+    jobs = tr.plan([str(horses)], domain="zebra", out=tmp_path / "o").jobs
+    with pytest.raises(tr.PlanError, match="would overwrite the translation of"):
+        tr.check_sheet(tmp_path / "o" / "photo.jpg", jobs)
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(tr.PlanError, match="is a folder"):
+        tr.check_sheet(tmp_path / "dir.png", [])  # a folder with an image suffix is still a folder
+    with pytest.raises(tr.PlanError, match="is where the outputs go"):
+        tr.check_sheet(tmp_path / "o.png", jobs, tmp_path / "o.png" / "out")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_out_marks_only_a_default_out_and_report_paths_are_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_tree(Path("horses"))
+    given = tr.plan(["horses"], domain="zebra", out="given")
+    tr.prepare_out(given)
+    assert Path("given").is_dir() and list(Path("given").iterdir()) == []  # the probe leaves nothing behind
+    default = tr.plan(["horses"], domain="zebra")
+    tr.prepare_out(default)
+    assert [path.name for path in Path("horses-to-zebra").iterdir()] == [OUTPUT_MARKER]
+    record = tr.Record(default.jobs[0].source, default.jobs[0].output, "translated")
+    assert record.to_json()["path"] == str(tmp_path / default.jobs[0].source)
+    assert record.to_json()["output"] == str(tmp_path / default.jobs[0].output)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 7, 20])

@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import BAD, GOOD, digests, make_capacitor, make_tree, stamps
 from PIL import Image
 from typer.testing import CliRunner
 
+from efm_cli.capacitor.model import Capacitor
 from efm_cli.cli.app import app, main
 
 FAST = {"OMP_NUM_THREADS": "1"}
@@ -184,3 +186,22 @@ def test_nothing_usable_exits_1_and_no_images_at_all_is_an_error(
     (tmp_path / "none").mkdir()
     assert main(["translate", str(tmp_path / "none"), "--model", str(weights / "h2z")]) == 1
     assert capsys.readouterr().err.startswith("error: no images found in")
+
+
+def test_solver_flags_are_checked_against_the_capacitors_own_solver(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, weights: Path
+) -> None:
+    # A capacitor whose measured default is Heun takes --steps alone; its steps never reach another solver.
+    heun = tmp_path / "heun"
+    capacitor = make_capacitor()
+    capacitor.config["sampler"] = {"solver": "heun", "steps": 3}
+    capacitor.save_pretrained(heun)
+    horses = make_tree(tmp_path / "horses")
+    assert main(["translate", str(horses), "--model", str(heun), "--steps", "2", "--json", "-q"]) == 3  # BAD files
+    records = json.loads(capsys.readouterr().out)["inputs"]
+    assert {r["nfe"] for r in records if r["status"] == "translated"} == {4}
+    assert main(["translate", str(horses), "--model", str(heun), "--rtol", "1e-3", "-o", str(tmp_path / "x")]) == 2
+    assert "--rtol and --atol do not apply to --solver heun" in capsys.readouterr().err
+    assert main(["translate", str(horses), "--model", str(heun), "--solver", "dopri5", "-o", str(tmp_path / "y")]) == 3
+    translated = Capacitor.from_pretrained(heun).translate(torch.zeros(1, 3, 16, 16), solver="euler")
+    assert int(translated.solution.nfe[0]) == 40  # euler's own default, not the capacitor's 3 Heun steps

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,8 +53,14 @@ MAX_CONFIG_BYTES = 1 << 20
 SAMPLER_OPTIONS = {"solver": str, "rtol": float, "atol": float, "steps": int, "max_nfe": int}
 """What config.json may set about sampling, with its type: nothing else reaches the integrator."""
 
-SAMPLER_RANGES = {"rtol": (1e-12, 1.0), "atol": (1e-12, 1.0), "steps": (1, 100_000), "max_nfe": (1, 1_000_000)}
-"""Bounds of the numeric sampler options: a downloaded config must not ask for a run that never ends."""
+SAMPLER_RANGES = {"rtol": (1e-6, 1.0), "atol": (1e-6, 1.0), "steps": (1, 1000), "max_nfe": (1, 2000)}
+"""Bounds of the numeric sampler options: a downloaded config must not ask for a run that takes hours. The field
+lines are integrated in fp32, where tolerances below 1e-6 cannot be met and only burn evaluations; trained capacitors
+land in about 50 evaluations and the official Euler sampler takes 80 steps. A config may lower the integrator's cap
+of 2000 evaluations a line, never raise it. A user's own --rtol, --atol and --steps are not bounded by this."""
+
+MAX_DOMAIN_LENGTH = 64
+"""Domain names end up in terminal lines, folder names (`photos-to-NAME`) and model cards: short, printable text."""
 
 
 class CapacitorError(EfmError):
@@ -72,7 +79,7 @@ def size_ok(size: Any) -> bool:
 def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
     value = config.get(key)
     if not isinstance(value, dict):
-        raise CapacitorError(f"config.json: '{key}' must be an object, got {value!r}")
+        raise CapacitorError(f"config.json: '{key}' must be an object, got {_shown(value)}")
     return value
 
 
@@ -82,17 +89,21 @@ def validate(config: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CapacitorError("config.json must hold a JSON object")
     if config.get("format") != FORMAT:
-        raise CapacitorError(f"config.json is not an {FORMAT} config (format = {config.get('format')!r})")
+        raise CapacitorError(f"config.json is not an {FORMAT} config (format = {_shown(config.get('format'))})")
     version = config.get("format_version")
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
         readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise CapacitorError(
-            f"config.json has format_version {version!r}; this efm reads {readable}",
+            f"config.json has format_version {_shown(version)}; this efm reads {readable}",
             "upgrade efm (pip install -U efm-cli) if the capacitor is newer than this efm",
         )
     domains = _section(config, "domains")
-    if not all(isinstance(domains.get(k), str) and domains[k] for k in ("source", "target")):
-        raise CapacitorError("config.json: 'domains' needs non-empty 'source' and 'target' names")
+    for key in ("source", "target"):
+        if not domain_name_ok(domains.get(key)):
+            raise CapacitorError(
+                f"config.json: domains.{key} must be a printable name of 1 to {MAX_DOMAIN_LENGTH} characters "
+                f"without '/' or '\\', got {_shown(domains.get(key))}"
+            )
     if domains["source"] == domains["target"]:
         raise CapacitorError("config.json: the two domains must have different names")
     field = _section(config, "field")
@@ -101,24 +112,66 @@ def validate(config: Any) -> dict[str, Any]:
     if not finite or not 0 < eps < L / 2:
         raise CapacitorError("config.json: 'field' needs a finite plate distance L > 0 and 0 < eps < L/2")
     if field.get("kind") not in FIELD_KINDS:
-        raise CapacitorError(f"config.json: unknown field kind {field.get('kind')!r}; expected 'coulomb' or 'tube'")
+        raise CapacitorError(
+            f"config.json: unknown field kind {_shown(field.get('kind'))}; expected 'coulomb' or 'tube'"
+        )
     image = _section(config, "image")
     if not size_ok(image.get("size")):
-        raise CapacitorError(f"config.json: 'image' needs a size that is {SIZE_RULE}, got {image.get('size')!r}")
-    if image.get("channels") not in (1, 3):
-        raise CapacitorError(f"config.json: 'image' needs 1 or 3 channels, got {image.get('channels')!r}")
+        raise CapacitorError(f"config.json: 'image' needs a size that is {SIZE_RULE}, got {_shown(image.get('size'))}")
+    if not _one_of(image.get("channels"), (1, 3)):
+        raise CapacitorError(f"config.json: 'image' needs 1 or 3 channels, got {_shown(image.get('channels'))}")
     sampler = config.get("sampler", {})
     if not isinstance(sampler, dict) or not all(_sampler_option_ok(k, v) for k, v in sampler.items()):
         allowed = ", ".join(f"{k} in [{low:g}, {high:g}]" for k, (low, high) in SAMPLER_RANGES.items())
         raise CapacitorError(
-            f"config.json: 'sampler' may only set solver ({'|'.join(SOLVER_NAMES)}), {allowed}; got {sampler!r}"
+            f"config.json: 'sampler' may only set solver ({'|'.join(SOLVER_NAMES)}), {allowed}; got {_shown(sampler)}",
+            "these bounds keep a downloaded capacitor from making translation run for hours; "
+            "ask for more with --rtol, --atol or --steps",
         )
+    _check_optional_sections(config)
     network = _section(config, "network")
     if network.get("kind") != "unet":
-        raise CapacitorError(f"config.json: 'network' must be a UNet, got kind {network.get('kind')!r}")
+        raise CapacitorError(f"config.json: 'network' must be a UNet, got kind {_shown(network.get('kind'))}")
     if "latent" in config:
         _check_latent(config)
     return {**config, "format_version": FORMAT_VERSION, "network": _without_copies(config, network)}
+
+
+def domain_name_ok(name: Any) -> bool:
+    """Whether `name` can name a capacitor's plate: 1 to `MAX_DOMAIN_LENGTH` printable characters (no escape
+    sequences or line breaks for a terminal) and no path separator (it becomes part of a folder name)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_DOMAIN_LENGTH
+        and name.isprintable()
+        and not {"/", "\\"} & set(name)
+    )
+
+
+def _shown(value: Any) -> str:
+    """`value` for an error line: its repr (escape sequences and line breaks escaped), abbreviated when long."""
+    return reprlib.repr(value)
+
+
+def _one_of(value: Any, allowed: tuple[int, ...]) -> bool:
+    """`value in allowed` without Python's `True == 1`: JSON's `true` is no count."""
+    return type(value) is int and value in allowed
+
+
+def _check_optional_sections(config: dict[str, Any]) -> None:
+    """The sections that only describe the capacitor still have the shape their readers (cards, eval) expect."""
+    for key in ("preprocessing", "training"):
+        if not isinstance(config.get(key, {}), dict):
+            raise CapacitorError(f"config.json: '{key}' must be an object, got {_shown(config[key])}")
+    preprocessing = config.get("preprocessing", {})
+    if (
+        preprocessing.get("resize", "resize") not in ("resize", "crop")
+        or type(preprocessing.get("hflip", False)) is not bool
+    ):
+        raise CapacitorError(
+            "config.json: 'preprocessing' may set resize ('resize' or 'crop') and hflip (true or false), "
+            f"got {_shown(preprocessing)}"
+        )
 
 
 def _finite_numbers(values: Any, count: int) -> bool:
@@ -134,7 +187,7 @@ def _check_latent(config: dict[str, Any]) -> None:
     if latent.get("kind") not in AUTOENCODER_KINDS:
         raise CapacitorError(f"config.json: 'latent' needs an autoencoder kind in {AUTOENCODER_KINDS}")
     factor, channels = latent.get("factor"), latent.get("channels")
-    if factor not in (1, 2, 4, 8, 16, 32) or isinstance(channels, bool) or channels not in range(1, 65):
+    if not _one_of(factor, (1, 2, 4, 8, 16, 32)) or not _one_of(channels, tuple(range(1, 65))):
         raise CapacitorError("config.json: 'latent' needs a factor in 1, 2, 4 … 32 and 1 to 64 channels")
     if size % factor or not size_ok(size // factor):
         raise CapacitorError(
@@ -144,8 +197,9 @@ def _check_latent(config: dict[str, Any]) -> None:
         raise CapacitorError(f"config.json: 'latent' needs {channels} finite means and standard deviations")
     if min(latent["std"]) <= 0:
         raise CapacitorError("config.json: the latent standard deviations must be positive")
-    if not isinstance(latent.get("origin", ""), str) or len(latent.get("origin", "")) > 300:
-        raise CapacitorError("config.json: latent.origin must be a short text")
+    origin = latent.get("origin", "")
+    if not isinstance(origin, str) or len(origin) > 300 or not origin.isprintable():
+        raise CapacitorError("config.json: latent.origin must be a short printable text")
 
 
 def field_space(config: dict[str, Any]) -> tuple[int, int]:

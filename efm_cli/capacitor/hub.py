@@ -15,8 +15,6 @@ instead of finding the same broken files.
 from __future__ import annotations
 
 import importlib
-import json
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -36,10 +34,12 @@ from efm_cli.capacitor.format import (
     SAMPLE_NAME,
     WEIGHTS_NAME,
     CapacitorError,
+    network_config,
     read_config,
     validate,
 )
 from efm_cli.errors import EfmError
+from efm_cli.tensors import check_header, count, header, meta_shapes
 
 ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, SAMPLE_NAME, *AUTOENCODER_FILES)
 """The files of a capacitor on the Hub; anything else in a repo is never downloaded."""
@@ -47,8 +47,14 @@ ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, SAMPLE_NAME, *AUTOENCODER
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Weight formats that unpickle on load, which efm never does."""
 
-HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
-"""`user/name` or `user/name@revision`; a revision may be a branch, a tag or a commit hash."""
+_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_REVISION_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}"
+HUB_REF = re.compile(
+    rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>{_REVISION_PART}(?:/{_REVISION_PART}){{0,4}}))?", re.ASCII
+)
+"""`user/name` or `user/name@revision`, in the Hub's own rules: names of ASCII letters, digits, '_', '-' and '.', at
+most 96 long, neither starting nor ending with '-' or '.'. A revision (a branch, a tag, `refs/pr/1` or a commit hash)
+has the same characters in up to five '/'-separated parts, none starting with '.' or '-'."""
 
 
 class HubError(EfmError):
@@ -83,17 +89,16 @@ class PushResult:
 
 
 def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
-    """(repo id, revision) when `ref` has the Hub form, else None.
+    """(repo id, revision) when `ref` has the Hub form (`HUB_REF`), else None.
 
-    A repo or revision made of dots (`user/..`, `user/name@../x`) is no Hub name: the cache would resolve it as a
-    path outside itself.
+    Dots and dashes in a row (`user/..`, `user/a--b`, `user/name@x/../..`) make no Hub name: huggingface_hub would
+    refuse the repo with an error of its own, and the cache would resolve such a revision as a path outside itself.
     """
-    match = HUB_REF.match(ref)
+    match = HUB_REF.fullmatch(ref)
     if match is None:
         return None
     repo, revision = match["repo"], match["revision"]
-    parts = repo.split("/") + (revision.split("/") if revision else [])
-    if any(part.strip(".") == "" for part in parts):
+    if "--" in repo or ".." in repo or repo.endswith(".git") or ".." in (revision or ""):
         return None
     return repo, revision
 
@@ -188,7 +193,7 @@ def download(
     except Exception as error:
         raise explain(error, repo_id, revision, endpoint, token=token) from error
     try:
-        check_folder(folder)
+        check_folder(_snapshot(folder, repo_id, cache), shapes=True)
     except CapacitorError as error:
         _forget(repo_id, folder.name, cache)
         raise HubError(
@@ -218,6 +223,7 @@ def download_files(ref: str, names: Sequence[str], *, token: str | None = None, 
         )
     except Exception as error:
         raise explain(error, repo_id, revision, endpoint, token=token) from error
+    _snapshot(folder, repo_id, None)
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise HubError(f"{_where(repo_id, revision)} has no {', '.join(missing)}", "check the repo name")
@@ -233,13 +239,28 @@ def _from_cache(repo_id: str, revision: str | None, cache: str | None) -> Path:
                 repo_id, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=list(ALLOWED_FILES)
             )
         )
-        check_folder(folder)
+        check_folder(_snapshot(folder, repo_id, cache))
     except (OSError, CapacitorError) as error:
         where = _where(repo_id, revision)
         raise HubError(
             f"{where} is not in the cache, and offline mode forbids downloading it",
             f"run 'efm download {where}' once with network access, or unset HF_HUB_OFFLINE / drop --offline",
         ) from error
+    return folder
+
+
+def _snapshot(folder: Path, repo_id: str, cache: str | None) -> Path:
+    """`folder`, once it is one of `repo_id`'s snapshots in the cache (a HubError if not).
+
+    The cache finds a branch's snapshot through the commit hash written in `refs/BRANCH`, unchecked: an edited refs
+    file (`../../../somewhere`, `/tmp/x`) would make it hand out any folder of the machine as the download.
+    """
+    snapshots = Path(cache or cache_dir()) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    if folder.resolve().parent != snapshots.resolve() or not re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        raise HubError(
+            f"the cache entry of {repo_id} points outside the cache, to {folder}",
+            f"remove it (hf cache rm model/{repo_id}) and download {repo_id} again",
+        )
     return folder
 
 
@@ -268,64 +289,51 @@ def _check_config(path: Path, repo_id: str, revision: str | None) -> None:
         ) from error
 
 
-def check_folder(folder: Path) -> dict[str, Any]:
-    """Validate a capacitor folder without torch: its config, and the safetensors header of its weights (and of a
-    latent capacitor's autoencoder, whose config.json must at least name a kind efm reads)."""
+def check_folder(folder: Path, *, shapes: bool = False) -> dict[str, Any]:
+    """Validate a capacitor folder: its config, and the safetensors header of its weights (and of a latent
+    capacitor's autoencoder, whose config.json must at least name a kind efm reads), without torch.
+
+    With `shapes` it also compares every weight's name and shape with what the configs describe, sized on the meta
+    device (this imports torch, and diffusers for a latent capacitor): a config that asks for more than its weights
+    hold is refused before anything is allocated. Downloads and `Capacitor.from_pretrained` check this way.
+    """
     config = validate(read_config(folder))
-    parameters(folder / WEIGHTS_NAME)
+    weights = header(folder / WEIGHTS_NAME, CapacitorError)
+    if shapes:
+        from efm_cli.network import build
+
+        try:
+            expected = meta_shapes(lambda: build(network_config(config)))
+        except (TypeError, ValueError) as error:
+            raise CapacitorError(f"config.json: invalid network: {error}") from error
+        check_header(expected, weights, folder / WEIGHTS_NAME, CapacitorError)
     if "latent" in config:
-        autoencoder = folder / AUTOENCODER_DIR
-        found = read_config(autoencoder)
-        kind = found.get("_class_name") if isinstance(found, dict) else None
-        if kind != config["latent"]["kind"]:
-            raise CapacitorError(
-                f"{AUTOENCODER_DIR}/{CONFIG_NAME} holds a {kind!r}, "
-                f"not the {config['latent']['kind']} that config.json names"
-            )
-        parameters(autoencoder / AUTOENCODER_WEIGHTS)
+        _check_autoencoder(folder / AUTOENCODER_DIR, config["latent"]["kind"], shapes)
     return config
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-"""Bytes per element of the safetensors dtypes a capacitor may hold."""
+def _check_autoencoder(folder: Path, kind: str, shapes: bool) -> None:
+    found = read_config(folder)
+    if not isinstance(found, dict) or found.get("_class_name") != kind:
+        shown = found.get("_class_name") if isinstance(found, dict) else None
+        raise CapacitorError(
+            f"{AUTOENCODER_DIR}/{CONFIG_NAME} holds a {shown!r:.40}, not the {kind} that config.json names"
+        )
+    weights = header(folder / AUTOENCODER_WEIGHTS, CapacitorError)
+    if shapes:
+        from efm_cli.autoencoder import AutoencoderError, validate_config, weight_shapes
 
-
-def _offsets(entry: dict[str, Any]) -> tuple[int, int]:
-    begin, stop = entry["data_offsets"]
-    return int(begin), int(stop)
+        try:
+            expected = weight_shapes(validate_config(found))
+            check_header(expected, weights, folder / AUTOENCODER_WEIGHTS, AutoencoderError)
+        except AutoencoderError as error:
+            raise CapacitorError(f"{AUTOENCODER_DIR}/: {error.message}", error.hint) from error
 
 
 def parameters(path: Path) -> int:
-    """How many weights a safetensors file holds, from its header (no torch).
-
-    A truncated file, or one whose tensors' bytes do not tile its data exactly as their shapes and dtypes say,
-    fails: the header is checked against the bytes before anything trusts it.
-    """
-    try:
-        if path.exists() and not path.is_file():
-            raise ValueError("not a regular file")  # a FIFO or a device would block or never end
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if not 2 <= length <= min(size - 8, 100_000_000):
-                raise ValueError("bad header length")
-            header = json.loads(handle.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-        tensors = sorted((entry for key, entry in header.items() if key != "__metadata__"), key=_offsets)
-        end = 0
-        for entry in tensors:
-            begin, stop = _offsets(entry)
-            if begin != end or stop - begin != math.prod(entry["shape"]) * _DTYPE_BYTES[entry["dtype"]]:
-                raise ValueError("tensor bytes do not match the shapes and dtypes of the header")
-            end = stop
-        if not tensors or end != size - 8 - length:
-            raise ValueError("tensor data does not fill the file")
-        return sum(math.prod(entry["shape"]) for entry in tensors)
-    except FileNotFoundError as error:
-        raise CapacitorError(f"{path.parent} has no {path.name}") from error
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise CapacitorError(f"{path.name} is not a valid safetensors file ({error})") from error
+    """How many weights a safetensors file holds, from its header (no torch); a CapacitorError if it is no valid
+    safetensors file (`efm_cli.tensors.header`)."""
+    return count({name: shape for name, (_, shape) in header(path, CapacitorError).items()})
 
 
 def _forget(repo_id: str, commit: str, cache: str | None) -> None:
@@ -400,6 +408,8 @@ def explain(
     where, host = _where(repo_id, revision), _public_endpoint(endpoint)
     if isinstance(error, HubError):
         return error
+    if isinstance(error, hub_errors.HFValidationError):
+        return HubError(f"{where} is not a valid Hub reference", "write it as user/name or user/name@revision")
     if isinstance(error, hub_errors.RevisionNotFoundError):
         return HubError(
             f"revision {revision!r} not found in {repo_id}", "check the branch, tag or commit hash on the repo's page"
@@ -473,7 +483,7 @@ def push(
         raise HubError(f"{repo_id!r} is not a repo name", "write it as user/name")
     model, sample = locate_capacitor(Path(folder))
     try:
-        config = check_folder(model)
+        config = check_folder(model, shapes=True)
     except CapacitorError as error:
         hint = "pass a training run folder (with model/) or a capacitor folder"
         raise HubError(f"{folder} holds no capacitor to push: {error}", hint) from error

@@ -1,7 +1,7 @@
 """A capacitor: a trained field network, its config, and translation along its field lines in either direction.
 
 The folder format is `efm_cli.capacitor.format`. Loading reads config.json and model.safetensors only, validates
-the config before building anything, checks every weight's name and shape, and never unpickles.
+the config and compares every weight's name and shape with it before building anything, and never unpickles.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from efm_cli.capacitor.format import (
     CapacitorError,
     Direction,
     network_config,
-    read_config,
     validate,
 )
 from efm_cli.devices import PRECISIONS, Precision
@@ -138,6 +137,8 @@ class Capacitor:
 
         The keywords are huggingface_hub ModelHubMixin's. Either way only config.json and model.safetensors are
         read, both checked; Hub downloads go through `efm_cli.capacitor.hub` (capacitor files only, no pickle weights).
+        Nothing is allocated before the weights' header matches what config.json describes, and weights holding NaN
+        or infinite values are refused here, once, rather than failing image by image.
         """
         ref = os.fspath(folder)
         if not Path(ref).is_dir() and hub.parse_hub_ref(ref) is not None:
@@ -151,7 +152,7 @@ class Capacitor:
         folder = Path(folder)
         if not folder.is_dir():
             raise CapacitorError(f"{folder} is not a capacitor folder")
-        config = validate(read_config(folder))
+        config = hub.check_folder(folder, shapes=True)  # the weights' headers against the configs, on the meta device
         autoencoder = None
         if "latent" in config:
             from efm_cli.autoencoder import Autoencoder
@@ -260,6 +261,8 @@ class Capacitor:
             raise CapacitorError(f"expected images [b, {channels}, {size}, {size}], got {list(images.shape)}")
         defaults = dict(self.config.get("sampler", {}))
         configured = defaults.pop("solver", "dopri5")
+        if solver is not None and solver != configured:
+            defaults = {}  # the capacitor's settings belong to its own solver (steps for heun, tolerances for dopri5)
         z0, z1 = self.plates(direction)
         param = next(self.network.parameters())
         x = self.encode(images.to(param.device, param.dtype))

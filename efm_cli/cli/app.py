@@ -7,6 +7,7 @@ product contract wants exactly one `error: WHAT — HINT` line on stderr and fix
 `efm --help` stays fast.
 """
 
+import errno
 import os
 import sys
 import traceback
@@ -24,6 +25,7 @@ from efm_cli.cli.console import ExitCode
 from efm_cli.cli.eval import eval_command
 from efm_cli.cli.hub import download_command, models_command, push_command
 from efm_cli.cli.options import JsonOption, QuietOption
+from efm_cli.cli.sampler import sampler_command
 from efm_cli.cli.train import train_command
 from efm_cli.cli.translate import translate_command
 from efm_cli.errors import EfmError, UsageError
@@ -91,6 +93,7 @@ app.command("download")(download_command)
 app.command("push")(push_command)
 app.command("eval")(eval_command)
 app.command("autoencoder")(autoencoder_command)
+app.command("sampler")(sampler_command)
 
 
 def _human(value: Any) -> str:
@@ -102,9 +105,8 @@ def _human(value: Any) -> str:
 
 
 def _print_env_tables(report: dict[str, Any]) -> None:
-    """One two-column table per section; cells are Text so brackets in paths are not read as Rich markup."""
+    """One two-column table per section; cells are `console.cell`s: paths may hold brackets or control characters."""
     from rich.table import Table
-    from rich.text import Text
 
     for section in ("versions", "devices", "paths", "hub"):
         table = Table(title=section, title_justify="left", show_header=False)
@@ -114,9 +116,9 @@ def _print_env_tables(report: dict[str, Any]) -> None:
             if name == "cuda_devices":
                 for device in value or []:
                     description = f"{device['name']}, capability {device['capability']}, {device['memory_gib']} GiB"
-                    table.add_row(Text(f"cuda:{device['index']}"), Text(description))
+                    table.add_row(console.cell(f"cuda:{device['index']}"), console.cell(description))
             else:
-                table.add_row(Text(name), Text(_human(value)))
+                table.add_row(console.cell(name), console.cell(_human(value)))
         console.out_console().print(table)
 
 
@@ -127,6 +129,8 @@ def _debug() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `efm` and return its exit code (the console script hands it to `sys.exit`)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if console.no_color():
+        _plain_help()
     try:
         result = typer.main.get_command(app).main(args=args, prog_name="efm", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError:
@@ -141,22 +145,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except EfmError as exc:
         # Every error a user can act on, from the library or a command: one line with its hint, never a traceback.
-        if _debug():
-            traceback.print_exc()
-        console.print_error(exc.message, exc.hint)
-        return ExitCode.USAGE if isinstance(exc, UsageError) else ExitCode.FAILED
+        if _invalid_hub_name(exc.__cause__):  # the Hub's own reason says more than "Hub request failed"
+            return _fail(*_hub_name_failure(exc.__cause__))
+        return _fail(exc.message, exc.hint, ExitCode.USAGE if isinstance(exc, UsageError) else ExitCode.FAILED)
     except (KeyboardInterrupt, click.Abort):
         console.print_error("interrupted")
         return ExitCode.INTERRUPTED
     except SystemExit as exc:
+        if _reader_gone(exc.__context__):
+            return _stdout_gone()
         return _system_exit_code(exc)
     except Exception as exc:
-        if _debug():
-            traceback.print_exc()
-            console.print_error(f"{type(exc).__name__}: {exc}")
-        else:
-            console.print_error(f"{type(exc).__name__}: {exc}", "rerun with EFM_DEBUG=1 for the traceback")
-        return ExitCode.FAILED
+        if _reader_gone(exc):
+            return _stdout_gone()
+        known = _known_failure(exc)
+        if known is not None:
+            return _fail(*known)
+        hint = None if _debug() else "rerun with EFM_DEBUG=1 for the traceback"
+        return _fail(f"{type(exc).__name__}: {exc}", hint, ExitCode.FAILED)
     # Without standalone mode, an Exit (from --help, --version or typer.Exit) comes back as its code, and
     # Typer turns Ctrl-C during a command into Exit(130); any other return value is the command's result.
     if isinstance(result, int):
@@ -164,6 +170,80 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print_error("interrupted")
         return result
     return ExitCode.OK
+
+
+def _fail(message: str, hint: str | None, code: int) -> int:
+    """The error line, last on stderr even under EFM_DEBUG=1 (which prints the traceback first); return `code`."""
+    if _debug():
+        traceback.print_exc()
+    console.print_error(message, hint)
+    return code
+
+
+def _known_failure(exc: Exception) -> tuple[str, str | None, int] | None:
+    """Message, hint and exit code of failures from outside efm that still have a plain cause a user can act on."""
+    if _invalid_hub_name(exc):
+        return _hub_name_failure(exc)
+    if isinstance(exc, RecursionError):
+        return (
+            "a file is nested too deeply to be read (maximum recursion depth exceeded)",
+            "check the JSON files involved (a capacitor's config.json, a run's config.json or trainer.json)",
+            ExitCode.FAILED,
+        )
+    if isinstance(exc, tuple(_FILE_FAILURES)):
+        what = next(text for kind, text in _FILE_FAILURES.items() if isinstance(exc, kind))
+        if isinstance(exc.filename, str | os.PathLike):
+            return f"{os.fspath(exc.filename)}: {what}", "check the path", ExitCode.FAILED
+        return f"a path efm had to use: {what}", "check the files and folders given", ExitCode.FAILED
+    return None
+
+
+def _hub_name_failure(exc: BaseException) -> tuple[str, str, int]:
+    return f"not a valid Hub name: {exc}", "write a Hub repo as user/name or user/name@revision", ExitCode.USAGE
+
+
+def _invalid_hub_name(exc: BaseException | None) -> bool:
+    """Whether huggingface_hub refused a repo or revision name (only possible once it was imported)."""
+    validation = getattr(sys.modules.get("huggingface_hub.errors"), "HFValidationError", None)
+    return validation is not None and isinstance(exc, validation)
+
+
+_FILE_FAILURES = {
+    IsADirectoryError: "is a folder, not a file",
+    NotADirectoryError: "part of the path is a file, not a folder",
+    FileNotFoundError: "no such file or folder",
+    PermissionError: "permission denied",
+}
+"""File-system errors whose cause is the path itself, as said on the error line."""
+
+
+def _reader_gone(exc: BaseException | None) -> bool:
+    """Whether `exc` is the broken pipe of writing to a reader that has gone (`efm --help | head -1`).
+
+    Click turns that error into `SystemExit(1)`, so it arrives as the exit's context.
+    """
+    return isinstance(exc, OSError) and exc.errno == errno.EPIPE
+
+
+def _stdout_gone() -> int:
+    """Stop quietly and successfully, as Unix filters do when their reader has what it wants; stdout now goes to
+    /dev/null, so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a file descriptor (tests capturing output) needs nothing
+        pass
+    return ExitCode.OK
+
+
+def _plain_help() -> None:
+    """Typer draws help and usage with its own Rich console, which keeps bold and dim under NO_COLOR: turn styles
+    and terminal control off there too, so that NO_COLOR output holds no escape code at all."""
+    from typer import rich_utils
+
+    rich_utils.COLOR_SYSTEM = None
+    rich_utils.FORCE_TERMINAL = False
 
 
 def _system_exit_code(exc: SystemExit) -> int:

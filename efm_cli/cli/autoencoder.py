@@ -31,6 +31,12 @@ def autoencoder_command(
         typer.Option(help="A folder of held-out images to report reconstructions on (repeatable)."),
     ] = None,
     size: Annotated[int, typer.Option(help="Training resolution (a multiple of 8).")] = 128,
+    architecture: Annotated[
+        str,
+        typer.Option(
+            help="small: codes 8× smaller than the images (photos); small-4x: 4× smaller (e.g. 32×32 digits).",
+        ),
+    ] = "small",
     batch_size: Annotated[int, typer.Option(min=2, help="Images per step, half from each folder.")] = 16,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (Adam, cosine to 10%).")] = 1e-3,
     gradient_weight: Annotated[
@@ -84,6 +90,7 @@ def autoencoder_command(
             source=str(source),
             target=str(target),
             size=size,
+            architecture=architecture,
             batch=batch_size,
             lr=lr,
             gradient_weight=gradient_weight,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from enum import IntEnum
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
 
 class ExitCode(IntEnum):
@@ -43,12 +45,33 @@ def no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
 
 
+WIDE = 10_000
+"""Console width when the stream is not a terminal: a table piped to a file or `grep` is never wrapped."""
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def live_terminal() -> bool:
+    """Whether stderr may be redrawn in place (Rich progress bars): a terminal, and colour not refused.
+
+    Under NO_COLOR a progress bar's cursor movements are escape codes too, so callers fall back to plain text.
+    """
+    return _is_terminal(sys.stderr) and not no_color()
+
+
 def _make_console(stderr: bool) -> Console:
     from rich.console import Console
 
-    # Rich already drops colour when the stream is not a terminal; under NO_COLOR it would still emit bold
-    # and dim, so turn styling off entirely: NO_COLOR output must be free of escape codes.
-    return Console(stderr=stderr, highlight=False, color_system=None if no_color() else "auto")
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if _is_terminal(stream) or os.environ.get("COLUMNS") else WIDE
+    if no_color():
+        # Rich drops colour under NO_COLOR but keeps bold and dim, and redraws progress bars with cursor movements:
+        # no colour system means no styles, and no terminal means no redrawing, so not one escape code is written.
+        return Console(stderr=stderr, highlight=False, color_system=None, force_terminal=False, width=width)
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 @cache
@@ -69,21 +92,46 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+_UNSAFE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+"""Unicode categories `escape` shows escaped: controls, invisible formatting, line and paragraph separators."""
+
+
+def escape(text: object) -> str:
+    """`text` safe to print: control and format characters become Python escapes (`\\x1b`, `\\n`, `\\u202e`).
+
+    Names that come from files, capacitor configs or the Hub reach the terminal through here, so that none can
+    restyle it (escape sequences), forge or split a line (newlines, carriage returns) or reorder what is shown
+    (bidirectional overrides). Rich markup needs no escaping on top: messages are printed with markup off, and
+    table cells are `Text` (`cell`).
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(repr(char)[1:-1] if unicodedata.category(char) in _UNSAFE else char for char in text)
+
+
+def cell(value: object) -> Text:
+    """A table cell: `escape`d, and a Rich `Text`, so brackets in names are shown as they are, not read as markup."""
+    from rich.text import Text
+
+    return Text(escape(value))
+
+
 def info(message: str) -> None:
-    """Tell the user something on stderr, unless quiet. Markup is off (file names may contain brackets) and long
-    lines are not wrapped at the console width (a path cut in two breaks logs and grep)."""
+    """Tell the user something on stderr, unless quiet: one line, escaped (`escape`), markup off (file names may
+    contain brackets), not wrapped at the console width (a path cut in two breaks logs and grep)."""
     if not _quiet:
-        err_console().print(message, markup=False, soft_wrap=True)
+        err_console().print(escape(message), markup=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    """Report a problem that did not stop the command, as `warning: MESSAGE` on stderr, unless quiet."""
-    if not _quiet:
-        err_console().print(f"warning: {message}", markup=False, soft_wrap=True)
+    """Report a problem that did not stop the command, as one `warning: MESSAGE` line on stderr, unless quiet."""
+    info(f"warning: {message}")
 
 
 def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    """Lines joined with spaces (a multi-line exception message), then anything else unprintable escaped."""
+    return escape(" ".join(line.strip() for line in text.splitlines() if line.strip()))
 
 
 def format_error(message: str, hint: str | None = None) -> str:

@@ -10,14 +10,19 @@ import typer
 
 from efm_cli.cli import console
 from efm_cli.cli.console import ExitCode
-from efm_cli.cli.options import DeviceOption, JsonOption, QuietOption, choices
+from efm_cli.cli.options import DeviceOption, JsonOption, QuietOption, choices, model_reference
 from efm_cli.files import write_json
 
 Features = choices("Features", ("classifier", "inception"))
 
 
 def eval_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Capacitor: a folder, user/name on the Hub, or a name.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", callback=model_reference, help="Capacitor: a folder, user/name on the Hub, or a name."
+        ),
+    ],
     source: Annotated[
         Path,
         typer.Option(exists=True, file_okay=False, help="Held-out source images to translate."),
@@ -56,7 +61,9 @@ def eval_command(
     """Report how well a capacitor translates held-out images: target rate, trick test, FD, structure, hue, speed.
 
     A small domain classifier is trained on the train folders (or, without them, on a seeded half of each given
-    folder) and cached beside the capacitor, so the second run on the same data starts at once.
+    folder) and cached beside the capacitor, so the second run on the same data starts at once. With too few
+    held-out images of a domain, or a classifier that misjudges too many of them, the report says its numbers mean
+    nothing.
 
     Examples:
     efm eval -m cap --source d/test/two --target d/test/three --train-source d/train/two --train-target d/train/three
@@ -86,6 +93,8 @@ def eval_command(
         console.warn(f"classifier training skipped {item['path']}: {item['reason']}")
     for item in report["skipped"]:
         console.warn(f"skipped {item['path']}: {item['reason']}")
+    if not report["meaningful"]:
+        console.warn(f"these numbers mean nothing: {'; '.join(report['meaningless_because'])}")
     if report_path is not None:
         write_json(report_path, report)
     if json_output:
@@ -118,7 +127,12 @@ def _print_table(report: dict[str, Any]) -> None:
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("meaning", overflow="fold")
-    trust = "trustworthy" if tricks["trustworthy"] else f"UNTRUSTWORTHY: fooled by {', '.join(tricks['fooled_by'])}"
+    if not report["meaningful"]:
+        trust = "MEANINGLESS: " + "; ".join(report["meaningless_because"])
+    elif tricks["trustworthy"]:
+        trust = "trustworthy"
+    else:
+        trust = f"UNTRUSTWORTHY: fooled by {', '.join(tricks['fooled_by'])}"
     rows = [
         ("classifier accuracy", _number(cls["accuracy"]), "held-out, mean of both domains"),
         ("target rate", _number(report["target_rate"]), f"translations called {target!r}; {trust}"),
@@ -137,6 +151,15 @@ def _print_table(report: dict[str, Any]) -> None:
         ("NFE", _number(speed["nfe_mean"], 1), f"field evaluations per image; {speed['landed']} landed"),
         ("images/s", _number(speed["images_per_second"], 2), f"on {speed['device']}"),
     ]
+    if report["autoencoder"] is not None:
+        ceiling = report["autoencoder"]
+        rows += [
+            ("autoencoder: target rate", _number(ceiling["target_rate"]), f"real {target!r} after encode, decode"),
+            ("autoencoder: robust", _number(ceiling["robust_target_rate"]), "the same under every trick"),
+            ("autoencoder: source", _number(ceiling["source_target_rate"]), "source images after encode, decode"),
+            ("autoencoder: FD", _number(ceiling["fd"], 2), "real targets after encode, decode vs as they are"),
+            ("autoencoder: SSIM", _number(ceiling["ssim"]), "real targets vs their reconstructions"),
+        ]
     if report["inception"] is not None:
         for metric, values in report["inception"].items():
             for name, value in values.items():

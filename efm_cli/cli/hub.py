@@ -7,14 +7,13 @@ inside each command, so `efm --help` stays fast.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from efm_cli.cli import console
-from efm_cli.cli.options import JsonOption, QuietOption
+from efm_cli.cli.options import JsonOption, QuietOption, model_reference
 from efm_cli.errors import EfmError
 
 _REPO_HELP = "Hub repo to publish to, as USER/NAME (created if missing)."
@@ -37,9 +36,10 @@ OfflineOption = Annotated[
 
 
 def _quiet_hub(quiet: bool, json_output: bool) -> None:
-    """Progress bars only for a person watching stderr; under --quiet not even huggingface_hub's retry warnings."""
+    """Progress bars only for a person watching stderr in colour (huggingface_hub's bars move the cursor with escape
+    codes, which NO_COLOR rules out); under --quiet not even huggingface_hub's retry warnings."""
     console.set_quiet(quiet)
-    if quiet or json_output or not sys.stderr.isatty():
+    if quiet or json_output or not console.live_terminal():
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
@@ -126,8 +126,8 @@ def models_command(
 
 
 def _print_models(rows: list[dict[str, Any]]) -> None:
+    """One row per capacitor; names, domains and paths come from folders and configs, so every cell is escaped."""
     from rich.table import Table
-    from rich.text import Text
 
     table = Table()
     for column in ("name", "domains", "resolution", "field", "space", "size", "origin"):
@@ -138,12 +138,15 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
         space = "pixels" if row["autoencoder"] is None else f"latent ({row['autoencoder']['kind']})"
         resolution = f"{row['resolution']}×{row['resolution']}"
         cells = (row["name"], domains, resolution, row["field"], space, size, row["origin"])
-        table.add_row(*(Text(str(cell)) for cell in cells))
+        table.add_row(*(console.cell(cell) for cell in cells))
     console.out_console().print(table)
 
 
 def download_command(
-    ref: Annotated[str, typer.Argument(help="USER/NAME or USER/NAME@REVISION (branch, tag or commit hash).")],
+    ref: Annotated[
+        str,
+        typer.Argument(callback=model_reference, help="USER/NAME or USER/NAME@REVISION (branch, tag or commit hash)."),
+    ],
     offline: OfflineOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
@@ -174,7 +177,7 @@ def download_command(
         domains = [config["domains"]["source"], config["domains"]["target"]]
         console.print_json({"ref": ref, "path": str(folder), "files": files, "domains": domains})
     else:
-        print(folder)
+        print(console.escape(folder))
 
 
 def push_command(
@@ -223,4 +226,4 @@ def push_command(
             console.info(f"pushed {', '.join(result.files)} to {result.repo_id} ({result.revision})")
         else:
             console.info(f"{result.repo_id} ({result.revision}) already holds these files: nothing to commit")
-        print(result.url)
+        print(console.escape(result.url))

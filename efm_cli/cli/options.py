@@ -2,6 +2,7 @@
 
 from collections.abc import Iterable
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -38,3 +39,23 @@ def device_option(panel: str | None = None) -> object:
 
 
 DeviceOption = Annotated[str, device_option()]
+
+
+def model_reference(value: str | None) -> str | None:
+    """A capacitor reference that names no folder but has a slash must be a Hub repo USER/NAME[@REV] that the Hub
+    accepts: a usage error (exit 2) here, before anything is loaded, rather than a failed Hub request later."""
+    repo = (value or "").partition("@")[0]
+    if value is None or "/" not in repo or Path(value).expanduser().exists():
+        return value
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from efm_cli.capacitor.hub import parse_hub_ref
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as error:
+        reason = str(error).partition(": '")[0]  # the Hub's rule, without its copy of the name
+        raise typer.BadParameter(f"{value!r} is neither a folder nor a valid Hub repo name ({reason})") from error
+    if parse_hub_ref(value) is None:
+        raise typer.BadParameter(f"{value!r} is neither a folder nor a Hub repo USER/NAME or USER/NAME@REV")
+    return value

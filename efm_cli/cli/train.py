@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,7 +16,7 @@ from efm_cli.cli.options import JsonOption, PrecisionChoice, QuietOption, choice
 from efm_cli.errors import EfmError, UsageError
 
 if TYPE_CHECKING:
-    from efm_cli.training.run import Progress
+    from efm_cli.training.run import Progress, RunSettings, Summary
 
 FieldChoice = choices("FieldChoice", ("coulomb", "tube"))
 PlanChoice = choices("PlanChoice", ("independent", "ot"))
@@ -122,7 +121,10 @@ def train_command(
         ),
     ] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (Adam).", rich_help_panel=_OPT)] = 2e-4,
-    warmup: Annotated[int, typer.Option(min=0, help="Warm-up steps.", rich_help_panel=_OPT)] = 1000,
+    warmup: Annotated[
+        int | None,
+        typer.Option(min=0, help="Warm-up steps (default 10% of the steps, at most 1000).", rich_help_panel=_OPT),
+    ] = None,
     lr_decay: Annotated[
         DecayChoice, typer.Option(help="After warm-up: constant, or cosine down to 10%.", rich_help_panel=_OPT)
     ] = DecayChoice.cosine,
@@ -135,14 +137,18 @@ def train_command(
         int | None,
         typer.Option(
             min=1,
-            help="Total steps of the schedule (default 20000); with --resume, the run's new length.",
+            help="Total steps of the schedule (default: what fits in --max-minutes, else 20000); with --resume, "
+            "the run's new length.",
             rich_help_panel=_RUN,
         ),
     ] = None,
     max_minutes: Annotated[
         float | None,
         typer.Option(
-            min=0.0, help="Stop this session after so many minutes (checkpoint, export).", rich_help_panel=_RUN
+            min=0.0,
+            help="Stop this session after so many minutes (checkpoint, export). Without --steps the schedule is "
+            "sized to end in this time, from the speed measured over the first steps.",
+            rich_help_panel=_RUN,
         ),
     ] = None,
     out: Annotated[
@@ -150,14 +156,22 @@ def train_command(
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option(help="Continue the run in this folder from its latest checkpoint.", rich_help_panel=_RUN),
+        typer.Option(
+            help="Continue the run in this folder from its latest checkpoint (an error if it has none).",
+            rich_help_panel=_RUN,
+        ),
     ] = None,
     device: Annotated[str, device_option(_RUN)] = "auto",
     workers: Annotated[
         int | None,
         typer.Option(min=0, help="Decoding processes (default: 0 when the data fits in memory).", rich_help_panel=_RUN),
     ] = None,
-    log_every: Annotated[int, typer.Option(min=1, help="Steps per metrics line.", rich_help_panel=_RUN)] = 10,
+    log_every: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Steps per metrics line (a session's last step is always logged).", rich_help_panel=_RUN
+        ),
+    ] = 10,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps per checkpoint.", rich_help_panel=_RUN)] = 500,
     sample_every: Annotated[int, typer.Option(min=1, help="Steps per sample grid.", rich_help_panel=_RUN)] = 500,
     json_output: JsonOption = False,
@@ -174,8 +188,9 @@ def train_command(
     efm train --source photos/summer --target photos/winter --out runs/s2w --steps 50000
     efm train --resume runs/s2w --max-minutes 120
     """
+    started = time.monotonic()
     console.set_quiet(quiet)
-    from efm_cli.training.run import Budget, fit, new_settings, read_settings, with_steps
+    from efm_cli.training.run import Budget, fit, new_settings, read_settings, with_minutes, with_steps
 
     if resume is not None:
         _refuse_changes(ctx)
@@ -183,6 +198,8 @@ def train_command(
         settings = read_settings(resume)
         if steps is not None:
             settings = with_steps(settings, steps)
+        elif max_minutes is not None:
+            settings = with_minutes(settings, max_minutes)
     else:
         settings = new_settings(
             source,
@@ -209,6 +226,7 @@ def train_command(
             precision=precision.value,
             seed=seed,
             steps=steps,
+            minutes=max_minutes,
             log_every=log_every,
             checkpoint_every=checkpoint_every,
             sample_every=sample_every,
@@ -223,12 +241,13 @@ def train_command(
         summary = fit(
             settings,
             run,
-            budget=Budget(minutes=max_minutes),
+            budget=Budget(minutes=max_minutes, started=started),
             resume=resume is not None,
             device=device,
             workers=workers,
             on_progress=reporter.update,
             warn=console.warn,
+            say=console.info,
         )
     finally:
         reporter.close()
@@ -239,12 +258,37 @@ def train_command(
 
         console.print_json(asdict(summary))
     else:
-        loss = f"{summary.loss:.4f}" if summary.loss is not None else "-"
-        console.info(
-            f"step {summary.step} ({summary.stopped}), loss {loss}, {summary.steps_per_s:.2f} steps/s; "
-            f"capacitor in {summary.model}"
-        )
+        _print_summary(summary, settings)
     return ExitCode.PARTIAL if summary.ignored else ExitCode.OK
+
+
+_STOPS = {"steps": "the schedule is done", "time": "out of time", "interrupted": "interrupted"}
+
+
+def _print_summary(summary: Summary, settings: RunSettings) -> None:
+    """One screen on stderr: what the run did, where its results are, and what to run next."""
+    loss = f"{summary.loss:.4f}" if summary.loss is not None else "-"
+    lr = f"{summary.lr:.2e}" if summary.lr is not None else "-"
+    of = f" of {summary.total}" if summary.total is not None else ""
+    stop = _STOPS.get(summary.stopped, summary.stopped)
+    if summary.stopped == "time" and summary.total is not None and summary.step < summary.total:
+        stop += f"; continue with: efm train --resume {summary.run}"
+    lines = [
+        f"step {summary.step}{of} ({stop}) in {summary.seconds / 60:.1f} min, {summary.steps_per_s:.2f} steps/s",
+        f"  loss {loss} (smoothed), last learning rate {lr}",
+        f"  capacitor    {summary.model}",
+    ]
+    if summary.samples is not None:
+        lines.append(f"  samples      {summary.samples} (left: inputs, right: their translations)")
+    lines += [
+        f"  loss curve   {Path(summary.run) / 'loss.png'}",
+        f"  next         efm eval -m {summary.model} --source HELD_OUT_{settings.source_name.upper()} "
+        f"--target HELD_OUT_{settings.target_name.upper()} --train-source {settings.source} "
+        f"--train-target {settings.target}",
+        f"               efm translate IMAGES -m {summary.model}",
+    ]
+    for line in lines:
+        console.info(line)
 
 
 def _refuse_changes(ctx: typer.Context) -> None:
@@ -265,12 +309,12 @@ def _refuse_changes(ctx: typer.Context) -> None:
 class Reporter:
     """A Rich progress bar on a terminal; otherwise one plain line every 30 seconds (for logs of background runs)."""
 
-    def __init__(self, total: int, silent: bool) -> None:
+    def __init__(self, total: int | None, silent: bool) -> None:
         self.total, self.silent = total, silent
         self.bar: Any = None
         self.task: Any = None
         self.last_line = 0.0
-        if not silent and sys.stderr.isatty():
+        if not silent and console.live_terminal():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -287,8 +331,9 @@ class Reporter:
 
     def update(self, progress: Progress) -> None:
         loss, rate = f"{progress.smoothed:.4f}", f"{progress.steps_per_s:.2f}"
+        self.total = progress.total  # a time-sized schedule gets its length after the first steps
         if self.bar is not None:
-            self.bar.update(self.task, completed=progress.step, loss=loss, rate=rate)
+            self.bar.update(self.task, completed=progress.step, total=progress.total, loss=loss, rate=rate)
         elif not self.silent and time.monotonic() - self.last_line >= 30:
             self.last_line = time.monotonic()
             console.info(f"step {progress.step}/{self.total}  loss {loss}  {rate} it/s  skipped {progress.skipped}")

@@ -6,7 +6,9 @@ Nothing heavy is imported at module level — the pipeline (torch, PIL) loads in
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import typer
 from efm_cli.capacitor.format import SOLVER_NAMES
 from efm_cli.cli import console
 from efm_cli.cli.console import ExitCode
-from efm_cli.cli.options import DeviceOption, JsonOption, PrecisionChoice, QuietOption, choices
+from efm_cli.cli.options import DeviceOption, JsonOption, PrecisionChoice, QuietOption, choices, model_reference
 
 if TYPE_CHECKING:
     from efm_cli.translate import Record, Report
@@ -64,13 +66,19 @@ def translate_command(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m", help="Capacitor: a folder, a Hub repo USER/NAME or USER/NAME@REV, or a known short name."
+            "--model",
+            "-m",
+            callback=model_reference,
+            help="Capacitor: a folder, a Hub repo USER/NAME or USER/NAME@REV, or a known short name.",
         ),
     ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Output folder (default: INPUT-to-DOMAIN beside the input).", show_default=False
+            "--out",
+            "-o",
+            help="Output folder (default: FOLDER-to-DOMAIN beside the input folder, or the folder of the input files).",
+            show_default=False,
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images integrated together.")] = 16,
@@ -121,8 +129,8 @@ def translate_command(
 ) -> None:
     """Translate images along a capacitor's field lines; the outputs mirror the input tree.
 
-    One folder in: its tree lands directly in --out. One file in: --out/NAME.
-    Several inputs: each keeps its own name under --out.
+    One folder in: its tree lands directly in --out. Files: --out/NAME.
+    A glob: its matches, named from its leading folder. Several folders: each keeps its own name under --out.
     Outputs keep the names, formats and pixel sizes of the inputs, which are never modified.
     Unreadable inputs are skipped with their reason, and the exit code is 3.
 
@@ -134,7 +142,8 @@ def translate_command(
     console.set_quiet(quiet)
     if to is None and model is None:
         raise _usage("say where to translate to: pass --to DOMAIN or --model REF")
-    _check_solver_flags(solver, steps, rtol, atol)
+    if solver is not None:
+        _check_solver_flags(solver.value, steps, rtol, atol)
     try:
         parsed_shard = parse_shard(shard) if shard is not None else None
     except ValueError as error:
@@ -191,9 +200,9 @@ def _usage(message: str) -> click.UsageError:
     return click.UsageError(message, ctx=click.get_current_context(silent=True))
 
 
-def _check_solver_flags(solver: SolverChoice | None, steps: int | None, rtol: float | None, atol: float | None) -> None:
-    """Flags the chosen solver would silently ignore are usage errors."""
-    name = solver.value if solver is not None else None
+def _check_solver_flags(name: str, steps: int | None, rtol: float | None, atol: float | None) -> None:
+    """Flags the solver that will run (`--solver`, else the capacitor's own) would silently ignore are usage
+    errors."""
     if steps is not None and name not in FIXED_STEP:
         raise _usage("--steps needs --solver heun or euler")
     if name in FIXED_STEP and (rtol is not None or atol is not None):
@@ -206,6 +215,10 @@ def _run(pipeline: Any, request: _Request) -> int:
 
     device = devices.choose(request.device)
     capacitor, direction, name = pipeline.open_capacitor(model=request.model, to=request.to, device=device)
+    given = request.solver_options
+    if "solver" not in given:
+        own = capacitor.config.get("sampler", {}).get("solver", "dopri5")
+        _check_solver_flags(own, given.get("steps"), given.get("rtol"), given.get("atol"))
     destination = capacitor.target if direction == "forward" else capacitor.source
     plan = pipeline.plan(request.inputs, domain=destination, out=request.out)
     if not plan.jobs:
@@ -213,7 +226,10 @@ def _run(pipeline: Any, request: _Request) -> int:
             f"no images found in {', '.join(request.inputs)}", "image files end in .jpg, .png, .webp, .bmp, .tif, .gif"
         )
     jobs = pipeline.shard(plan.jobs, *request.shard) if request.shard else plan.jobs
-    pictures = {key: pipeline.check_sheet(path, plan.jobs) for key, path in request.pictures.items()}
+    pictures = {key: pipeline.check_sheet(path, plan.jobs, plan.out) for key, path in request.pictures.items()}
+    if len(pictures) == 2 and os.path.realpath(pictures["grid"]) == os.path.realpath(pictures["trajectory"]):
+        raise pipeline.PlanError("--grid and --trajectory name the same file", "give each picture its own file name")
+    pipeline.prepare_out(plan)  # a folder nobody can write to stops the run now, not after every image
     options = {"direction": direction, "precision": request.precision, **request.solver_options}
     console.info(f"translating {len(jobs)} image(s) to {destination} with {name} on {device} → {plan.out}")
     with _progress_bar(len(jobs), request.progress) as advance:
@@ -243,14 +259,14 @@ def _write_pictures(
     written = {}
     if "grid" in pictures and report.pairs:
         pipeline.write_picture(pictures["grid"], pipeline.contact_sheet(report.pairs))
-        written["grid"] = str(pictures["grid"])
+        written["grid"] = os.path.abspath(pictures["grid"])
     if "trajectory" in pictures and report.shown:
         import torch
 
         images = torch.stack([tensor for _, tensor in report.shown[:TRACED]])
         _, states = pipeline.trace(capacitor, images, **options)
         pipeline.write_picture(pictures["trajectory"], pipeline.film_strip(states))
-        written["trajectory"] = str(pictures["trajectory"])
+        written["trajectory"] = os.path.abspath(pictures["trajectory"])
     for key in pictures.keys() - written.keys():
         console.warn(f"--{key} not written: no image was translated in this run")
     return written
@@ -258,9 +274,13 @@ def _write_pictures(
 
 @contextmanager
 def _progress_bar(total: int, shown: bool) -> Iterator[Callable[[Record], None] | None]:
-    """Rich progress (images, images/s, ETA) on stderr for a person watching; nothing otherwise."""
+    """Rich progress (images, images/s, ETA) on stderr for a person watching; plain text under NO_COLOR."""
     if not shown:
         yield None
+        return
+    if not console.live_terminal():
+        with _plain_progress(total) as advance:
+            yield advance
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -275,6 +295,33 @@ def _progress_bar(total: int, shown: bool) -> Iterator[Callable[[Record], None] 
                 bar.update(task, rate=f"{state.completed / state.elapsed:.1f} img/s")
 
         yield advance
+
+
+@contextmanager
+def _plain_progress(total: int) -> Iterator[Callable[[Record], None]]:
+    """Images done and images/s as one line of plain text, rewritten after a carriage return and wiped at the end:
+    progress for a terminal under NO_COLOR, where a Rich bar's cursor movements would be escape codes."""
+    start = last = time.monotonic()
+    done = width = 0
+
+    def advance(record: Record) -> None:
+        nonlocal done, last, width
+        done += 1
+        now = time.monotonic()
+        if now - last < 0.25 and done < total:
+            return
+        last = now
+        line = f"translating {done}/{total}  {done / max(now - start, 1e-9):.1f} img/s"
+        sys.stderr.write("\r" + line.ljust(width))
+        sys.stderr.flush()
+        width = max(width, len(line))
+
+    try:
+        yield advance
+    finally:
+        if width:
+            sys.stderr.write("\r" + " " * width + "\r")
+            sys.stderr.flush()
 
 
 def _print_outcome(
@@ -296,16 +343,17 @@ def _print_outcome(
         f"done: {summary['translated']} translated, {summary['existing']} kept, {summary['skipped']} skipped, "
         f"{summary['failed']} failed"
     )
-    console.info(
-        f"mean NFE {summary['nfe_mean']:.1f} · {summary['seconds']:.1f} s · {summary['images_per_second']:.2f} img/s"
-    )
+    timing = f"{summary['seconds']:.1f} s"
+    if summary["translated"]:  # with nothing translated, a mean NFE and a rate would be made-up zeros
+        timing = f"mean NFE {summary['nfe_mean']:.1f} · {timing} · {summary['images_per_second']:.2f} img/s"
+    console.info(timing)
     if request.json_output:
         console.print_json(
             {
                 "model": name,
                 "direction": direction,
                 "to": destination,
-                "out": str(out),
+                "out": os.path.abspath(out),
                 "device": device,
                 "precision": request.precision,
                 "shard": list(request.shard) if request.shard else None,

@@ -6,7 +6,9 @@ The report translates a held-out source folder and measures the result against a
   The classifier is trained to ignore colour statistics, and every report proves it did: cheap tricks (desaturate,
   greyscale, darken, blur, noise) are applied to the untouched source images, and if any trick raises their target
   rate by more than 0.10 the target rate is marked untrustworthy. The robust target rate counts a translation only
-  when the classifier calls it "target" untouched and under every trick at once;
+  when the classifier calls it "target" untouched and under every trick at once. With too few held-out images of
+  a domain, or a classifier that misjudges too many of them, the whole report is marked meaningless (and never
+  trustworthy): a rate of 2 images, or of a judge that calls every image "target", says nothing;
 - mean absolute change per pixel, in 8-bit levels: a field network that barely moves the images cannot hide;
 - Fréchet distance in the classifier's feature space between translations and real targets, next to the same
   distance for the no-op translation (real source vs real target) and the noise floor (target train vs target test);
@@ -42,6 +44,12 @@ from efm_cli.images import ImageError, find_images, load, to_tensor
 
 TRUST_MARGIN = 0.10
 """A trick may raise the source images' target rate by at most this much before the target rate is distrusted."""
+MIN_HELD_OUT = 50
+"""Held-out images per domain below which no rate means anything: with fewer, one image moves a rate by more than
+2 points and the trick test's 0.10 margin is a handful of images."""
+MIN_ACCURACY = 0.7
+"""Share of each domain's held-out images the classifier must get right: a judge that calls most untouched sources
+"target" (or most real targets "source") gives a target rate that says nothing about the translations."""
 
 SSIM_SIZE = 64
 FeatureKind = Literal["classifier", "inception"]
@@ -115,6 +123,27 @@ def trick_test(judge: Judge, source: Tensor, seed: int = 0, margin: float = TRUS
     source_rate = float(judge(source).float().mean())
     rates = {name: float(judge(view).float().mean()) for name, view in trick_views(source, seed).items()}
     return TrickTest(source_rate, rates, [name for name, rate in rates.items() if rate > source_rate + margin])
+
+
+def meaningless_because(
+    held_out: dict[str, int],
+    accuracy: dict[str, float],
+    min_images: int = MIN_HELD_OUT,
+    min_accuracy: float = MIN_ACCURACY,
+) -> list[str]:
+    """Why the report's numbers mean nothing (none: they mean something), from the held-out images and the
+    classifier's accuracy on them, each by domain name."""
+    reasons = [
+        f"only {count} held-out {domain} images (at least {min_images} needed)"
+        for domain, count in held_out.items()
+        if count < min_images
+    ]
+    reasons += [
+        f"the classifier recognises {rate:.0%} of the held-out {domain} images (at least {min_accuracy:.0%} needed)"
+        for domain, rate in accuracy.items()
+        if not rate >= min_accuracy
+    ]
+    return reasons
 
 
 def robust_target(judge: Judge, images: Tensor, seed: int = 0) -> Tensor:
@@ -376,6 +405,39 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _round_trip(
+    capacitor: Capacitor,
+    judge: Judge,
+    fd: Callable[[Tensor, Tensor], float],
+    sources: Tensor,
+    targets: Tensor,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """What a latent capacitor's autoencoder alone does to real images: the scores of real targets after encode and
+    decode are the best its translations can reach, so a gap between the two is the field's, and a low ceiling the
+    autoencoder's."""
+    device = next(capacitor.network.parameters()).device
+
+    def round_trip(images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    capacitor.decode(capacitor.encode(chunk.to(device))).float().cpu()
+                    for chunk in images.split(batch_size)
+                ]
+            )
+
+    targets_back, sources_back = round_trip(targets), round_trip(sources)
+    return {
+        "target_rate": _rate(judge(targets_back)),
+        "robust_target_rate": _rate(robust_target(judge, targets_back, seed)),
+        "source_target_rate": _rate(judge(sources_back)),
+        "fd": fd(targets_back, targets),
+        "ssim": float(structure(targets, targets_back).mean()),
+    }
+
+
 def report(
     model: str,
     source: Path,
@@ -448,6 +510,10 @@ def report(
     translated = torch.cat(outputs)
 
     tricks = trick_test(judge, sources, seed)
+    reasons = meaningless_because(
+        {capacitor.source: len(sources), capacitor.target: len(targets)},
+        {capacitor.source: accuracy_source, capacitor.target: accuracy_target},
+    )
     hue_error, hue_count = _nan_mean(hue_difference(sources, translated))
     floor_files = subset(files.train_target, len(sources), seed + 2)
     floor_targets = load_images(floor_files, size, mode, skipped)
@@ -456,6 +522,9 @@ def report(
         return frechet_distance(clf.features(trained.model, a).numpy(), clf.features(trained.model, b).numpy())
 
     result: dict[str, Any] = {
+        "autoencoder": (
+            _round_trip(capacitor, judge, fd, sources, targets, batch_size, seed) if capacitor.latent else None
+        ),
         "model": {
             "ref": model,
             "path": str(folder),
@@ -494,8 +563,10 @@ def report(
             "rates": tricks.rates,
             "margin": TRUST_MARGIN,
             "fooled_by": tricks.fooled_by,
-            "trustworthy": tricks.trustworthy,
+            "trustworthy": tricks.trustworthy and not reasons,
         },
+        "meaningful": not reasons,
+        "meaningless_because": reasons,
         "mean_abs_change": mean_abs_change(sources, translated),
         "fd": {
             "features": "classifier",

@@ -39,9 +39,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_decoder_blocks": [2, 2, 2, 1],
         "latent_channels": 8,
     },
+    "small-4x": {
+        "_class_name": "AutoencoderTiny",
+        "encoder_block_out_channels": [32, 32, 32],
+        "decoder_block_out_channels": [32, 32, 32],
+        "num_encoder_blocks": [0, 2, 2],
+        "num_decoder_blocks": [2, 2, 1],
+        "latent_channels": 8,
+    },
 }
 """Autoencoder architectures by name. `small`: 8× downsampling to 8 channels; no residual block at full resolution
-in the encoder and one in the decoder, which is what makes it trainable on a CPU (README, "Latent capacitors")."""
+in the encoder and one in the decoder, which is what makes it trainable on a CPU (README, "Latent capacitors").
+`small-4x`: the same with one stage fewer, 4× downsampling, for small images such as 32×32 digits."""
 HELD_OUT = 16
 """Images per held-out folder in the reconstruction report and the sample grid."""
 
@@ -179,15 +188,11 @@ def fit_autoencoder(
     step = 0
     checkpoints = run / "checkpoints"
     if resume:
-        found = checkpoint.latest(checkpoints)
-        if found is None:
-            warn(f"{checkpoints} holds no checkpoint: the run starts again from step 0")
-        else:
-            tensors, meta = checkpoint.load(found)
-            autoencoder.model.load_state_dict(tensors["model"])
-            checkpoint.load_optimizer(optimizer, tensors["optimizer"], meta["param_groups"], target_device)
-            step = int(meta["step"])
-            started -= float(meta.get("elapsed_s", 0.0))
+        tensors, meta = checkpoint.load(checkpoint.resume_point(checkpoints, "efm autoencoder"))
+        autoencoder.model.load_state_dict(tensors["model"])
+        checkpoint.load_optimizer(optimizer, tensors["optimizer"], meta["param_groups"], target_device)
+        step = int(meta["step"])
+        started -= float(meta.get("elapsed_s", 0.0))
     write_settings(run, settings)
     fixed = {"train": torch.cat([s.rows(0)[: HELD_OUT // 2] for s in streams])} | held_out
     log = run / "metrics.jsonl"
@@ -282,7 +287,8 @@ def _samples_and_report(
     device = next(autoencoder.parameters()).device
     rows, report = [], {}
     for name, images in fixed.items():
-        reconstructed = torch.cat([autoencoder(chunk.to(device)).float().cpu() for chunk in images.split(8)])
+        chunks = [autoencoder(chunk.to(device)).clamp(-1, 1).float().cpu() for chunk in images.split(8)]
+        reconstructed = torch.cat(chunks)
         report[name] = reconstruction_report(images, reconstructed)
         rows += [images, reconstructed]
     save_atomic(run / "samples" / f"step-{step:08d}.png", grid(rows))

@@ -98,6 +98,19 @@ def latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_point(root: Path, command: str) -> Path:
+    """The checkpoint `command --resume` continues from. None is an error, not a fresh start: starting again from
+    step 0 would silently throw away the run the user asked to continue, and rewrite its log."""
+    found = latest(root)
+    if found is None:
+        run = root.parent
+        raise CheckpointError(
+            f"{root} holds no checkpoint: there is nothing to resume",
+            f"to start over, run {command} without --resume and with another --out (or delete {run} first)",
+        )
+    return found
+
+
 def load(folder: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Tensor groups and trainer state of one checkpoint folder."""
     from safetensors import SafetensorError

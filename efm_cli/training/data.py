@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,6 +55,20 @@ def domain_names(source: Path | str, target: Path | str, cyclegan_root: Path | N
             return parts[0], parts[1]
     names = [NOISE if str(f) == NOISE else Path(f).resolve().name for f in (source, target)]
     return names[0], names[1]
+
+
+def median_shorter_side(paths: list[Path], sample: int = 256) -> int | None:
+    """Median shorter side in pixels of up to `sample` evenly spaced files, read from their headers only (cheap even
+    for folders too large to decode up front); None when none of them can be opened."""
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
 
 
 def _decode(path: Path, prep: Preprocessing) -> Tensor:

@@ -39,6 +39,7 @@ from efm_cli.capacitor.format import (
     SAMPLE_NAME,
     SIZE_RULE,
     SIZE_STEP,
+    domain_name_ok,
     new_config,
     size_ok,
 )
@@ -61,6 +62,7 @@ from efm_cli.training.data import (
     batches,
     cyclegan_folders,
     domain_names,
+    median_shorter_side,
 )
 from efm_cli.training.step import (
     DEFAULT_CHARGES,
@@ -82,6 +84,20 @@ RUN_FORMAT = "efm-run"
 
 class RunError(EfmError):
     """A run folder or settings that cannot be used; the message says why and `hint` what to do."""
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How a run's schedule was fitted to a time budget (`efm train --max-minutes M` without `--steps`).
+
+    `fit` measures its own speed over the first steps, then sets the schedule's total (and, unless `--warmup` was
+    given, a proportional warm-up) so that warm-up and cosine decay end inside the budget; `rate` is what it measured
+    (None until it has), and `proportional_warmup` whether the warm-up follows the total.
+    """
+
+    minutes: float
+    rate: float | None = None
+    proportional_warmup: bool = True
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,8 @@ class RunSettings:
     sample_steps: int = 20
     latent: str | None = None
     """The autoencoder folder a latent run started from; the run keeps its own copy in RUN/autoencoder."""
+    sizing: Sizing | None = None
+    """Set when the schedule's length comes from a time budget rather than from `--steps`."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,12 +140,37 @@ class RunSettings:
                 "prep": Preprocessing(**data["prep"]),
                 "field": FieldSpec(**field),
                 "schedule": Schedule(**data["schedule"]),
+                "sizing": Sizing(**data["sizing"]) if data.get("sizing") else None,
             }
         )
 
 
 DEFAULT_STEPS = 20000
-"""Steps of a run when nobody says otherwise."""
+"""Steps of a run when neither `--steps` nor `--max-minutes` says otherwise."""
+WARMUP_SHARE = 0.1
+"""The default warm-up as a share of the schedule: the embedded recipes warm up over 200 of about 2000 steps."""
+MAX_WARMUP = 1000
+"""The default warm-up never exceeds this many steps (long schedules need no longer one)."""
+PROBE_SHARE, PROBE_SECONDS = 0.05, (5.0, 60.0)
+"""A time-sized run measures its speed over this share of the budget (clamped to these seconds, and to a fifth of
+the time left after reading the images and building the network) before sizing."""
+RESERVE_SHARE, RESERVE_SECONDS = 0.08, 3.0
+"""Time kept back at the end of a time-sized run for the last checkpoint, samples and export, whose sampler choice
+may take up to 5 % of the run (`efm_cli.capacitor.sampler.at_export`)."""
+REPLAN_UNTIL = 0.9
+"""A time-sized schedule follows the measured speed until this share of it is done, then stays as it is."""
+
+
+def default_warmup(steps: int) -> int:
+    """The warm-up a schedule of `steps` gets when `--warmup` is not given."""
+    return max(1, min(MAX_WARMUP, round(WARMUP_SHARE * steps)))
+
+
+def planned_total(step: int, rate: float, seconds_left: float) -> int:
+    """The last step of a schedule at `step` now that runs `rate` steps/s for `seconds_left` more seconds."""
+    return step + max(1, math.floor(rate * max(seconds_left, 0.0)))
+
+
 LATENT_SPREAD = 2.0
 """How much farther apart latent codes lie than pixels of the same dimension: codes are normalised to unit variance
 per channel, while photo pixels in [−1, 1] spread with a standard deviation of about 0.5; the default tube width
@@ -158,12 +201,13 @@ def new_settings(
     points: int = 32,
     charges: int | None = None,
     lr: float = 2e-4,
-    warmup: int = 1000,
+    warmup: int | None = None,
     decay: Decay = "cosine",
     ema: float = 0.9999,
     precision: Precision = "fp32",
     seed: int = 0,
     steps: int | None = None,
+    minutes: float | None = None,
     log_every: int = 10,
     checkpoint_every: int = 500,
     sample_every: int = 500,
@@ -174,7 +218,9 @@ def new_settings(
     `source` may be a CycleGAN-style folder (trainA/, trainB/) when `target` is None, and either plate may be
     `noise`. Unset L, charges and tube width S take the defaults of the field kind; unset plate names come from
     the folders. `latent` (an autoencoder folder, `efm autoencoder` run or Hub repo) makes a latent capacitor.
-    Every rule that `efm train` enforces is here, so that a Python caller gets the same ones.
+    Without `steps`, `minutes` sizes the schedule to that much wall time (`Sizing`), else it has DEFAULT_STEPS;
+    an unset warm-up is WARMUP_SHARE of the schedule. Every rule that `efm train` enforces is here, so that a Python
+    caller gets the same ones.
     """
     if source is None:
         raise SettingsError("nothing to train on", "pass --source A --target B, or --resume RUN")
@@ -204,6 +250,7 @@ def new_settings(
     if not size_ok(size):
         raise SettingsError(f"--size {size} is not {SIZE_RULE}", "use 32, 64, 128 or 256")
     width = default_tube_width(size)
+    factor, channels = 1, 3
     if latent is not None:
         folder = autoencoder.locate(latent)
         factor, channels = autoencoder.shape_of(folder)
@@ -219,10 +266,20 @@ def new_settings(
         raise SettingsError(f"--charges {charges} is below --batch-size {points}", "points lie between charges")
     names = domain_names(source, target, root)
     source_name, target_name = source_name or names[0], target_name or names[1]
+    for name, flag in ((source_name, "--source-name"), (target_name, "--target-name")):
+        if not domain_name_ok(name):
+            raise SettingsError(
+                f"the plate name {name!r} cannot name a capacitor's plate (1–64 printable characters, no / or \\)",
+                f"name it with {flag}",
+            )
     if source_name == target_name:
         raise SettingsError(
             f"both plates would be called {source_name!r}", "name them with --source-name and --target-name"
         )
+    try:
+        preset(network, channels=channels, size=size // factor, L=L if L is not None else DEFAULT_L[field])
+    except ValueError as error:
+        raise SettingsError(str(error).partition("; give")[0], "use a smaller --size or --network base") from error
     try:
         spec = FieldSpec(
             kind=field,
@@ -233,7 +290,11 @@ def new_settings(
             scheme=scheme,
             plan=plan,
         )
-        schedule = Schedule(lr=lr, warmup=warmup, decay=decay, total=steps or DEFAULT_STEPS, ema=ema)
+        sizing = Sizing(minutes, proportional_warmup=warmup is None) if steps is None and minutes else None
+        total = None if sizing is not None else steps or DEFAULT_STEPS
+        # A time-sized run warms up over MAX_WARMUP provisional steps while it measures its speed (a small rate).
+        start_warmup = warmup if warmup is not None else default_warmup(total) if total else MAX_WARMUP
+        schedule = Schedule(lr=lr, warmup=start_warmup, decay=decay, total=total, ema=ema)
     except ValueError as error:
         raise SettingsError(str(error), "see 'efm train --help'") from error
     return RunSettings(
@@ -253,22 +314,34 @@ def new_settings(
         checkpoint_every=checkpoint_every,
         sample_every=sample_every,
         latent=latent,
+        sizing=sizing,
     )
+
+
+def with_minutes(settings: RunSettings, minutes: float) -> RunSettings:
+    """The settings of a resumed time-sized run whose schedule is to end within `minutes` of this session: `fit`
+    measures the speed again and stretches (or shrinks) the cosine from the current step, as `with_steps` does."""
+    if settings.sizing is None:
+        return settings
+    return replace(settings, sizing=replace(settings.sizing, minutes=minutes, rate=None))
 
 
 def with_steps(settings: RunSettings, steps: int) -> RunSettings:
     """The settings of a run whose schedule now ends at `steps`: the cosine decay is stretched (or shrunk) to
-    the new length, so the steps added to a resumed run are not all spent at the floor learning rate."""
-    return replace(settings, schedule=replace(settings.schedule, total=steps))
+    the new length, so the steps added to a resumed run are not all spent at the floor learning rate. The length is
+    then the user's: a time budget no longer sizes it."""
+    return replace(settings, schedule=replace(settings.schedule, total=steps), sizing=None)
 
 
 @dataclass
 class Budget:
     """When this session stops: at step `steps` (never past the schedule's end, which is the default), or after
-    `minutes` of wall time, whichever comes first."""
+    `minutes` of wall time from the call to `fit` (reading the images included), whichever comes first."""
 
     steps: int | None = None
     minutes: float | None = None
+    started: float | None = None
+    """The `time.monotonic()` the minutes count from: the command's start for `efm train`, else the call to `fit`."""
 
 
 @dataclass
@@ -278,13 +351,17 @@ class Summary:
     run: str
     model: str
     step: int
+    total: int | None
     skipped: int
     loss: float | None
+    lr: float | None
     seconds: float
     steps_per_s: float
     stopped: str
     source_images: int
     target_images: int
+    samples: str | None
+    sizing: dict[str, Any] | None
     ignored: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -369,6 +446,16 @@ class _Distributed:
         value = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    def from_main(self, values: list[int]) -> list[int]:
+        """Rank 0's `values` on every rank (the others' are ignored), so that all follow one plan."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        shared = torch.tensor(values, dtype=torch.long, device=self.device)
+        dist.broadcast(shared, src=0)
+        return [int(v) for v in shared.tolist()]
 
     def close(self) -> None:
         if self.world > 1:
@@ -497,40 +584,152 @@ def fit(
     workers: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     warn: Callable[[str], None] = lambda message: None,
+    say: Callable[[str], None] = lambda message: None,
 ) -> Summary:
     """Train (or continue) the run in `run` until the budget or the schedule ends; export RUN/model.
 
-    A resumed run takes `settings` as they are now (its schedule's length may have changed, see `with_steps`) and
-    stores them back in RUN/config.json. `on_progress` gets every logging step and `warn` what the user should know
-    about (a resume without checkpoint, a stop request).
+    A resumed run takes `settings` as they are now (its schedule's length may have changed, see `with_steps` and
+    `with_minutes`) and stores them back in RUN/config.json; it must have a checkpoint at or before the schedule's
+    end. A time-sized run (`settings.sizing` not yet measured) fits its schedule to `budget.minutes` (else to the
+    minutes it was sized to). `on_progress` gets every logging step and the last one, `warn` what the user should
+    know about (settings that waste the run, data too small for it, nothing left to train, a stop request) and
+    `say` how the schedule was sized.
     """
+    clock = budget.started if budget.started is not None else time.monotonic()
     # Adam's second moments and late gradients reach subnormal floats, which x86 CPUs process many times slower.
     torch.set_flush_denormal(True)
-    if budget.steps is None and settings.schedule.total is None:
+    sizing = settings.sizing if settings.sizing is not None and settings.sizing.rate is None else None
+    minutes = budget.minutes if budget.minutes is not None or sizing is None else sizing.minutes
+    if budget.steps is None and settings.schedule.total is None and sizing is None:
         raise SettingsError("this run would never end", "give the schedule a total or the budget a number of steps")
+    state = _resume_state(settings, run) if resume else None
     dist = _Distributed(devices.choose(device))
+    deadline = clock + 60 * minutes if minutes is not None else None
     try:
-        return _fit(settings, run, dist, budget, resume, workers, on_progress, warn)
+        return _fit(settings, run, dist, budget.steps, deadline, state, workers, on_progress, warn, say)
     finally:
         dist.close()
+
+
+class _Sizer:
+    """Fits a time-sized schedule to the deadline from the speed this session measures (checkpoints and sample grids
+    included): first after a probe of PROBE_SHARE of the budget, then at every step until REPLAN_UNTIL of the
+    schedule is done, whenever the planned end moves by more than 1 %, so a machine that slows down or speeds up
+    still ends its cosine decay in time."""
+
+    def __init__(self, settings: RunSettings, deadline: float, step: int) -> None:
+        budget = max(deadline - time.monotonic(), 0.0)
+        self.probe = min(max(PROBE_SHARE * budget, PROBE_SECONDS[0]), PROBE_SECONDS[1], budget / 5)
+        self.reserve = max(RESERVE_SECONDS, RESERVE_SHARE * budget)
+        self.deadline, self.fresh = deadline, step == 0
+        self.sizing, self.schedule = settings.sizing, settings.schedule
+        self.start: tuple[int, float] | None = None
+        self.saving = 0.0
+        """Seconds the slowest checkpoint-and-export took, kept back for the last one."""
+
+    def update(self, step: int, now: float) -> Schedule | None:
+        """The new schedule when this step changes it, else None."""
+        if self.start is None:  # the session's first step allocates and warms caches: not part of the speed
+            self.start = (step, now)
+            return None
+        steps, seconds = step - self.start[0], now - self.start[1]
+        sized = self.sizing.rate is not None
+        if (not sized and (seconds < self.probe or steps < 2)) or (
+            sized and step >= REPLAN_UNTIL * (self.schedule.total or 0)
+        ):
+            return None
+        rate = steps / seconds
+        total = planned_total(step, rate, self.deadline - now - self.reserve - self.saving)
+        if sized and abs(total - (self.schedule.total or 0)) <= 0.01 * total:
+            return None
+        warmup = self.schedule.warmup
+        if not sized and self.fresh and self.sizing.proportional_warmup:
+            warmup = default_warmup(total)
+        self.schedule = replace(self.schedule, total=total, warmup=warmup)
+        self.sizing = replace(self.sizing, rate=round(rate, 4))
+        return self.schedule
+
+
+def _resume_state(settings: RunSettings, run: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """The latest checkpoint's tensors and trainer state, read before any image is: a run that cannot continue as
+    asked stops at once, with nothing rewritten."""
+    tensors, meta = checkpoint.load(checkpoint.resume_point(run / "checkpoints", "efm train"))
+    step, total = int(meta["step"]), settings.schedule.total
+    if total is not None and step > total:
+        raise SettingsError(
+            f"{run} is already at step {step}, past the {total} steps asked for",
+            f"resume with --steps above {step}, or without --steps",
+        )
+    return tensors, meta
+
+
+def _settings_warnings(settings: RunSettings) -> list[str]:
+    """Settings that are allowed but waste the run."""
+    schedule = settings.schedule
+    if schedule.total is not None and schedule.warmup >= schedule.total:
+        return [
+            f"--warmup {schedule.warmup} is not below --steps {schedule.total}: the whole run is spent warming up "
+            "the learning rate (lower --warmup)"
+        ]
+    return []
+
+
+SMALL_PLATE = 100
+"""A plate with fewer images than this is memorised rather than learnt as a domain (and evaluated on nothing)."""
+SMALL_IMAGES = 0.5
+"""Images whose median shorter side is below this fraction of --size are blown up into blurred charges."""
+
+
+def _data_warnings(settings: RunSettings, name: str, plate: ImageFolder | None) -> list[str]:
+    """What is wrong with one plate's images for this run, though training can go on."""
+    if plate is None:
+        return []
+    found, size = [], settings.prep.size
+    if len(plate) < SMALL_PLATE:
+        found.append(
+            f"plate {name!r} has only {len(plate)} images: with fewer than {SMALL_PLATE} the field learns these "
+            "pictures rather than their domain"
+        )
+    if settings.charges > len(plate):
+        found.append(
+            f"--charges {settings.charges} exceeds the {len(plate)} images of plate {name!r}: every step holds "
+            "some of them twice"
+        )
+    side = median_shorter_side(plate.paths)
+    if side is not None and side < SMALL_IMAGES * size:
+        found.append(
+            f"the images of plate {name!r} are small for --size {size} (median shorter side {side} px): they are "
+            f"enlarged more than {1 / SMALL_IMAGES:g}×, so the capacitor learns blurred pictures"
+        )
+    return found
 
 
 def _fit(
     settings: RunSettings,
     run: Path,
     dist: _Distributed,
-    budget: Budget,
-    resume: bool,
+    max_steps: int | None,
+    deadline: float | None,
+    state: tuple[dict[str, dict[str, Tensor]], dict[str, Any]] | None,
     workers: int | None,
     on_progress: Callable[[Progress], None] | None,
     warn: Callable[[str], None],
+    say: Callable[[str], None],
 ) -> Summary:
     started = time.monotonic()
     device = dist.device
     prep = settings.prep
+    resume = state is not None
     source_data, target_data = open_folder(settings.source, prep), open_folder(settings.target, prep)
     if source_data is None and target_data is None:
         raise RunError("both plates are noise", "give at least one image folder")
+    if dist.main:
+        for message in [
+            *_settings_warnings(settings),
+            *_data_warnings(settings, settings.source_name, source_data),
+            *_data_warnings(settings, settings.target_name, target_data),
+        ]:
+            warn(message)
     space = _Space(settings, run, resume, device)
     if space.autoencoder is not None:
         source_data, target_data = space.encode(source_data, target_data)
@@ -558,25 +757,29 @@ def _fit(
         share=share,
     )
     checkpoints = run / "checkpoints"
-    if resume:
-        found = checkpoint.latest(checkpoints)
-        if found is not None:
-            tensors, meta = checkpoint.load(found)
-            trainer.load_state(tensors, meta)
-            started -= float(meta.get("elapsed_s", 0.0))
-        else:
-            warn(f"{checkpoints} holds no checkpoint: the run starts again from step 0")
+    if state is not None:
+        tensors, meta = state
+        trainer.load_state(tensors, meta)
+        started -= float(meta.get("elapsed_s", 0.0))
     total = settings.schedule.total
-    if total is not None and trainer.step > total:
-        raise SettingsError(
-            f"{run} is already at step {trainer.step}, past the {total} steps asked for",
-            f"resume with --steps above {trainer.step}, or without --steps",
-        )
+    sizer = (
+        _Sizer(settings, deadline, trainer.step)
+        if deadline is not None and settings.sizing is not None and settings.sizing.rate is None
+        else None
+    )
+
+    def last_step() -> int | float:
+        """Where this session ends; a schedule about to be sized (again) does not end it before it is."""
+        planned = None if sizer is not None and sizer.sizing.rate is None else total
+        return min((step for step in (max_steps, planned) if step is not None), default=math.inf)
+
+    end = last_step()
     if resume and dist.main:
         before = read_settings(run).schedule.total
-        if before != total:
+        if total is not None and before != total and sizer is None:
             warn(f"the schedule now ends at step {total} (was {before}): the learning rate follows the new length")
-    end = min(step for step in (budget.steps, total) if step is not None)
+        if trainer.step >= end:
+            warn(f"{run} is already at step {trainer.step}: nothing to train (resume with --steps above it)")
     if dist.main:
         write_settings(run, settings)
     metrics = _Metrics(run / "metrics.jsonl", trainer.step, dist.main)
@@ -595,9 +798,10 @@ def _fit(
         elapsed = elapsed_before + time.monotonic() - session_start
         tensors, meta = trainer.state()
         try:
+            write_settings(run, settings)
             checkpoint.save(checkpoints, trainer.step, tensors, {**meta, "elapsed_s": elapsed})
             metrics.plot(run / "loss.png")
-            _export(settings, trainer, sampler_net, counts, elapsed, run, space)
+            _export(settings, trainer, sampler_net, counts, elapsed, run, space, fixed)
         except (OSError, SafetensorError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise RunError(
@@ -607,7 +811,34 @@ def _fit(
 
     window: list[tuple[float, float]] = []
     stopped = "steps"
-    last_saved = trainer.step
+    last_saved = last_logged = trainer.step
+
+    def log(lr: float) -> None:
+        """One metrics line for the steps since the previous one (their mean loss and gradient norm)."""
+        nonlocal smoothed, last_logged
+        loss = float(np.mean([w[0] for w in window])) if window else math.nan
+        grad = float(np.mean([w[1] for w in window])) if window else math.nan
+        window.clear()
+        if math.isfinite(loss):
+            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+        rate = session_steps / max(time.monotonic() - session_start, 1e-9)
+        record = Progress(
+            step=trainer.step,
+            total=total,
+            loss=loss,
+            smoothed=smoothed if smoothed is not None else math.nan,
+            grad_norm=grad,
+            lr=lr,
+            skipped=trainer.skipped,
+            steps_per_s=rate,
+            elapsed_s=elapsed_before + time.monotonic() - session_start,
+        )
+        metrics.append(asdict(record))
+        last_logged = trainer.step
+        if on_progress is not None and dist.main:
+            on_progress(record)
+
+    lr = math.nan
     data = batches(
         *streams,
         start=trainer.step,
@@ -616,7 +847,7 @@ def _fit(
     )
     with StopOnSignal(warn) as interrupt:
         while trainer.step < end:
-            out_of_time = budget.minutes is not None and time.monotonic() - session_start >= budget.minutes * 60
+            out_of_time = deadline is not None and time.monotonic() >= deadline
             if dist.any(out_of_time or interrupt.requested):
                 stopped = "interrupted" if interrupt.requested else "time"
                 break
@@ -625,34 +856,35 @@ def _fit(
             target = dist.gather(target_rows.to(device, non_blocking=True))
             stats = trainer.step_on(source, target)
             session_steps += 1
+            lr = stats.lr
             if stats.applied:
                 window.append((stats.loss, stats.grad_norm))
+            if sizer is not None:
+                # The main process plans from its clock and every process follows that plan.
+                planned = sizer.update(trainer.step, time.monotonic())
+                if dist.any(dist.main and planned is not None):
+                    first = settings.sizing is not None and settings.sizing.rate is None
+                    plan = [planned.total or 0, planned.warmup] if planned is not None else [0, 0]
+                    steps, warmup = dist.from_main(plan)
+                    schedule = replace(settings.schedule, total=steps, warmup=warmup)
+                    settings = replace(settings, schedule=schedule, sizing=sizer.sizing)
+                    trainer.schedule, total = schedule, steps
+                    end = last_step()
+                    if first and dist.main:
+                        write_settings(run, settings)
+                        say(_sized_message(settings, trainer.step))
             if trainer.step % settings.log_every == 0:
-                loss = float(np.mean([w[0] for w in window])) if window else math.nan
-                grad = float(np.mean([w[1] for w in window])) if window else math.nan
-                window.clear()
-                if math.isfinite(loss):
-                    smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
-                rate = session_steps / max(time.monotonic() - session_start, 1e-9)
-                record = Progress(
-                    step=trainer.step,
-                    total=total,
-                    loss=loss,
-                    smoothed=smoothed if smoothed is not None else math.nan,
-                    grad_norm=grad,
-                    lr=stats.lr,
-                    skipped=trainer.skipped,
-                    steps_per_s=rate,
-                    elapsed_s=elapsed_before + time.monotonic() - session_start,
-                )
-                metrics.append(asdict(record))
-                if on_progress is not None and dist.main:
-                    on_progress(record)
+                log(lr)
             if trainer.step % settings.sample_every == 0 and dist.main:
                 _write_samples(run, trainer, sampler_net, fixed, settings, space)
             if trainer.step % settings.checkpoint_every == 0:
+                saving = time.monotonic()
                 save_everything()
                 last_saved = trainer.step
+                if sizer is not None:
+                    sizer.saving = max(sizer.saving, time.monotonic() - saving)
+    if trainer.step != last_logged:  # a session that ends between logging steps still logs where it ended
+        log(lr)
     if trainer.step != last_saved or not (run / "model").is_dir():
         if dist.main:
             _write_samples(run, trainer, sampler_net, fixed, settings, space)
@@ -660,19 +892,37 @@ def _fit(
     if stopped == "interrupted":
         raise KeyboardInterrupt
     seconds = time.monotonic() - session_start
+    grids = sorted((run / "samples").glob("step-*.png"))
     return Summary(
         run=str(run),
         model=str(run / "model"),
         step=trainer.step,
+        total=total,
         skipped=trainer.skipped,
         loss=metrics.smoothed,
+        lr=lr if math.isfinite(lr) else None,
         seconds=round(seconds, 2),
         steps_per_s=round(session_steps / max(seconds, 1e-9), 3),
         stopped=stopped,
         source_images=counts[0],
         target_images=counts[1],
+        samples=str(grids[-1]) if grids else None,
+        sizing=asdict(settings.sizing) if settings.sizing is not None else None,
         ignored=[{"path": str(p), "reason": r} for data in (source_data, target_data) if data for p, r in data.skipped],
     )
+
+
+def _sized_message(settings: RunSettings, step: int) -> str:
+    schedule, sizing = settings.schedule, settings.sizing
+    assert sizing is not None and sizing.rate is not None and schedule.total is not None
+    warm = f"warm-up {schedule.warmup}" + (" (--warmup)" if not sizing.proportional_warmup else "")
+    message = (
+        f"sized the schedule to {sizing.minutes:g} minutes: {schedule.total} steps at {sizing.rate:.3g} steps/s "
+        f"measured over the first {step}, {warm}, cosine to the end (--steps N sets the length instead)"
+    )
+    if schedule.warmup >= schedule.total:
+        message += f"; the warm-up is not below the {schedule.total} steps, so the run never reaches its peak rate"
+    return message
 
 
 class StopOnSignal:
@@ -745,11 +995,20 @@ def _export(
     seconds: float,
     run: Path,
     space: _Space,
+    inputs: Tensor | None = None,
 ) -> None:
-    """RUN/model: the capacitor with the EMA weights (and a latent one's autoencoder), and the newest sample grid."""
+    """RUN/model: the capacitor with the EMA weights (and a latent one's autoencoder), and the newest sample grid.
+
+    At the end of the schedule, the default sampler is chosen by measurement on `inputs` (the sample grid's fixed
+    sources) when that costs at most 5 % of the run's time: `efm_cli.capacitor.sampler.at_export`."""
     config = _capacitor_config(settings, net.config.to_dict(), trainer, counts, seconds, space.latent_config())
     model = run / "model"
-    Capacitor(config, network=trainer.ema_network(net), autoencoder=space.autoencoder).save_pretrained(model)
+    capacitor = Capacitor(config, network=trainer.ema_network(net), autoencoder=space.autoencoder)
+    if inputs is not None and settings.schedule.total is not None and trainer.step >= settings.schedule.total:
+        from efm_cli.capacitor.sampler import at_export
+
+        at_export(capacitor, inputs.to(next(net.parameters()).device), seconds=seconds)
+    capacitor.save_pretrained(model)
     grids = sorted((run / "samples").glob("step-*.png"))
     if grids:
         with atomic_path(model / SAMPLE_NAME) as temporary:

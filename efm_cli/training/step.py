@@ -93,10 +93,11 @@ class Schedule:
     ema: float = 0.9999
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine, which reaches
+        the floor on the last step (`total` − 1)."""
         rate = self.lr * min((step + 1) / self.warmup, 1.0) if self.warmup > 0 else self.lr
         if self.decay == "cosine" and self.total and step >= self.warmup:
-            progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+            progress = min((step - self.warmup) / max(self.total - 1 - self.warmup, 1), 1.0)
             rate *= self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
         return rate
 

@@ -1,0 +1,63 @@
+"""benchmarks/gpu.py, the prepared GPU run, works end to end in its tiny CPU mode: CI has no GPU, so this is where a
+broken phase would show before a GPU machine's time is spent on it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from efm_cli.capacitor.model import Capacitor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def numbers(value: Any) -> Iterator[float]:
+    """Every number in a JSON value, however deep (booleans are not numbers here)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from numbers(item)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield float(value)
+
+
+def test_gpu_script_runs_every_phase_in_tiny_mode(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
+    script = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", "tmp"]
+    done = subprocess.run(script, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = tmp_path / "tmp"
+    summary = json.loads(done.stdout)
+    assert summary == json.loads((out / "results.json").read_text())
+    assert summary["mode"] == "tiny" and summary["device"] == "cpu"
+    for section in ("translate", "train_speed", "capacitor"):
+        found = list(numbers(summary[section]))
+        assert found and all(math.isfinite(number) for number in found), section
+    assert "out of time" not in done.stdout and "error" not in summary["capacitor"]
+
+    for name in ("horse2zebra", "digits-2to3"):
+        for precision in ("fp32", "bf16"):
+            measured = summary["translate"][name][precision]
+            assert set(measured) == {"tensors", "files_16", "files_40"}
+            assert all(m["images_per_s"] > 0 and m["nfe_mean"] == 2 for m in measured.values())
+    speed = summary["train_speed"]
+    assert speed["base-16-fp32"]["parameters"] > 10 * speed["small-16-fp32"]["parameters"]
+    assert speed["base-16-fp32"]["steps_per_s"] > 0 and speed["small-16-fp32"]["steps_per_s"] > 0
+
+    capacitor = summary["capacitor"]
+    assert capacitor["training"]["step"] == capacitor["recipe"]["steps"] == 4
+    evaluated = capacitor["eval"]
+    assert 0 <= evaluated["target_rate"] <= 1 and math.isfinite(evaluated["fd"]) and evaluated["nfe_mean"] > 0
+    assert json.loads((out / "eval.json").read_text())["target_rate"] == evaluated["target_rate"]
+    assert (out / "testA-grid.jpg").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+    assert set(summary["files"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert len(summary["files"]) <= 8  # a few files, two levels deep: easy to fetch back from a remote GPU machine
+
+    loaded = Capacitor.from_pretrained(out / "capacitor")
+    assert (loaded.source, loaded.target) == ("horse", "zebra") and loaded.config["image"]["size"] == 16
