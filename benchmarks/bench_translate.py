@@ -8,6 +8,12 @@
   network is timed by wrapping it. Target ≤ 0.15 on CPU with batch 16.
 - `overlap_speedup` (full run only): images/s of the pipeline over the same pipeline with every stage on one thread
   (`workers=0`), measured in the same run.
+- `threads` (skipped with `--no-threads`): the embedded horse2zebra translating real photos through the `efm` command
+  in fresh processes, start-up included, alone and beside one competing busy process, with efm's defaults (all
+  cores, a short OpenMP spin: efm_cli.threads), with one thread, and with libgomp's own spin (torch imported before
+  efm sets it). `loaded_slowdown` is efm's defaults ÷ one thread beside the busy process (target ≤ 1.2),
+  `idle_speedup` one thread ÷ efm's defaults alone. The full run adds `shards`: the same photos as two `--shard`
+  processes at once, each with efm's defaults or each with one thread.
 - `detail`: how much closer to the full-resolution truth the detail transfer brings a translation made at the
   64×64 capacitor, in PSNR (dB), on real 256×256 photos (horse2zebra testA) with ideal low-resolution
   translators (colour maps whose full-resolution result is known), and what it costs per image.
@@ -26,7 +32,11 @@ One JSON object on stdout, a table on stderr:
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +57,7 @@ from efm_cli.network import preset
 from efm_cli.translate import Job, compose, plan, translate_files
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "horse2zebra" / "testA"
-TARGETS = {"overhead_fraction": 0.15}
+TARGETS = {"overhead_fraction": 0.15, "loaded_slowdown": 1.2}
 DETAIL_SIZE = 64
 """Capacitor resolution at which the detail transfer is measured, against 256×256 photos."""
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -198,6 +208,72 @@ def detail_effect(count: int, size: int) -> dict[str, Any]:
     return result
 
 
+SETTINGS = {
+    "efm": ([sys.executable, "-m", "efm_cli"], {}),
+    "one_thread": ([sys.executable, "-m", "efm_cli"], {"OMP_NUM_THREADS": "1"}),
+    "libgomp": ([sys.executable, "-c", "import torch; from efm_cli.cli.app import main; raise SystemExit(main())"], {}),
+}
+"""How each case starts `efm`: libgomp reads its spin count when torch loads it, so importing torch first keeps
+libgomp's own default whatever efm would set."""
+
+
+def _environment(setting: str) -> dict[str, str]:
+    """This process's environment without any thread setting, plus the setting's own."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    return {**clean, **SETTINGS[setting][1]}
+
+
+def _translate_seconds(setting: str, inputs: Path, out: Path, shards: int = 1) -> float:
+    """Seconds to translate `inputs` into a fresh `out`, as `shards` processes started together."""
+    start = time.perf_counter()
+    processes = []
+    for index in range(1, shards + 1):
+        arguments = ["translate", str(inputs), "--to", "zebra", "--out", str(out / f"{index}"), "--quiet"]
+        if shards > 1:
+            arguments += ["--shard", f"{index}/{shards}"]
+        command = [*SETTINGS[setting][0], *arguments]
+        processes.append(subprocess.Popen(command, env=_environment(setting), stdout=subprocess.DEVNULL))
+    if any(process.wait() for process in processes):
+        raise RuntimeError(f"efm translate failed with the {setting!r} setting")
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    return seconds
+
+
+def threads_case(scratch: Path, images: int, repeats: int, shards: bool) -> dict[str, Any]:
+    """Median seconds per setting, alone and beside a busy process, each repeat running every setting in turn."""
+    inputs = scratch / "photos"
+    inputs.mkdir()
+    for i, picture in enumerate(photos(images)):
+        Image.fromarray(picture).save(inputs / f"{i:03d}.jpg", quality=95)
+    out = scratch / "translated"
+    result: dict[str, Any] = {"images": images, "repeats": repeats, "load_average": os.getloadavg()[0]}
+    for case in ("alone", "loaded"):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if case == "loaded" else None
+        try:
+            seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
+            for _ in range(repeats):
+                for name in SETTINGS:
+                    seconds[name].append(_translate_seconds(name, inputs, out))
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+        result[case] = {name: statistics.median(values) for name, values in seconds.items()}
+    result["loaded_slowdown"] = result["loaded"]["efm"] / result["loaded"]["one_thread"]
+    result["loaded_slowdown_libgomp"] = result["loaded"]["libgomp"] / result["loaded"]["one_thread"]
+    result["idle_speedup"] = result["alone"]["one_thread"] / result["alone"]["efm"]
+    result["idle_speedup_libgomp"] = result["alone"]["one_thread"] / result["alone"]["libgomp"]
+    if shards:
+        two = {name: [] for name in ("efm", "one_thread")}
+        for _ in range(repeats):
+            for name in two:
+                two[name].append(_translate_seconds(name, inputs, out, shards=2))
+        result["shards"] = {name: statistics.median(values) for name, values in two.items()}
+        result["shards"]["speedup_one_thread_each"] = result["shards"]["efm"] / result["shards"]["one_thread"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one batch, no single-thread baseline (under a minute)")
@@ -208,6 +284,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, help="batches to translate (default: 1 with --quick, else 4)")
     parser.add_argument("--network", default="small", choices=["tiny", "small", "base"])
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy machine)")
+    parser.add_argument("--no-threads", action="store_true", help="skip the thread settings of the efm command")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -243,10 +320,15 @@ def main() -> None:
             alone = timed_run(capacitor, jobs, run, workers=0)
             result["single_thread_images_per_second"] = alone["images_per_second"]
             result["overlap_speedup"] = result["images_per_second"] / alone["images_per_second"]
+        if not options.no_threads:
+            photos_count, repeats = (8, 1) if options.quick else (24, 3)
+            result["threads"] = threads_case(Path(scratch), photos_count, repeats, shards=not options.quick)
     result["detail"] = detail_effect(8 if options.quick else 40, DETAIL_SIZE)
     result["seconds"] = time.perf_counter() - start
     result["targets"] = TARGETS
     result["met"] = {"overhead_fraction": result["overhead_fraction"] <= TARGETS["overhead_fraction"]}
+    if "threads" in result:
+        result["met"]["loaded_slowdown"] = result["threads"]["loaded_slowdown"] <= TARGETS["loaded_slowdown"]
     emit(result)
 
 

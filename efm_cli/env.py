@@ -6,7 +6,8 @@
   with), torchvision, typer, click, rich, pillow, safetensors, huggingface_hub, numpy, scipy (null when not
   installed);
 - `devices`: cuda_available, cuda_device_count, cuda_devices (index, name, capability, memory_gib),
-  mps_available, torch_threads (all null when torch cannot be imported);
+  mps_available, torch_threads (all null when torch cannot be imported), GOMP_SPINCOUNT and OMP_WAIT_POLICY
+  as efm runs with them (efm_cli.threads);
 - `paths`: efm_package, embedded_weights (+ embedded_weights_exists), efm_cache, hf_hub_cache;
 - `hub`: endpoint and offline as huggingface_hub resolves them, the raw HF_ENDPOINT and HF_HUB_OFFLINE
   variables, and HF_TOKEN as "set" or "not set", never its value;
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import efm_cli
+from efm_cli.threads import openmp_waiting
 
 # Distribution names, keyed by how the report names them.
 _DISTRIBUTIONS = {
@@ -102,6 +104,7 @@ def _torch_facts(problems: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             mps_available=torch.backends.mps.is_available(),
             torch_threads=torch.get_num_threads(),
         )
+    devices.update(openmp_waiting())
     problems.extend(f"while probing torch: {warning.message}" for warning in caught)
     return versions, devices
 

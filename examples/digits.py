@@ -1,4 +1,5 @@
-"""Build the coloured-digits 2 → 3 benchmark folders from MNIST (the recipe of docs/method.md §8).
+"""Build the coloured-digits 2 → 3 benchmark folders from MNIST (the recipe of docs/method.md §8), or with
+`--pair thin-bold` a second pair from the same digits: thin → bold strokes.
 
 Each grey digit g (uint8 / 255) is resized 28 → 32 bilinearly and coloured with one random hue h ~ U[0°, 360°):
 RGB = g · hsv_to_rgb(h, 1, 1), so the background stays black and the stroke takes the colour. Both domains use the
@@ -10,6 +11,10 @@ folders byte-identical.
         --steps 2000 --charges 1024 --out runs/digits
     efm eval --model runs/digits/model --source digits/test/two --target digits/test/three \\
         --train-source digits/train/two --train-target digits/train/three
+
+`--pair thin-bold` splits each MNIST split in two halves by position, every class in both: the first half keeps its
+strokes (`thin/`), the second has them thickened by a 3×3 grey dilation before resizing (`bold/`), so the plates hold
+different digits (unpaired) and a translation must keep the digit and its colour while changing the stroke.
 
 Digits are trained at their own 32×32 and without flips: a mirrored 2 is not a 2, and flips would teach the target
 plate mirrored threes that no test three resembles.
@@ -27,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from efm_cli.env import efm_cache_dir
 
 DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist.npz"
 DOMAINS = {"two": 2, "three": 3}
+PAIRS = ("two-three", "thin-bold")
 SIZE = 32
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 """Digits [n, 28, 28] uint8 and their labels [n], by split ("train", "test")."""
@@ -109,13 +116,26 @@ def colour_digits(grey: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarra
     return np.rint(rgb * 255.0).astype(np.uint8), hues
 
 
-def build(splits: Splits, out: Path, per_split: int | None, seed: int) -> dict[str, int]:
-    """Write out/{train,test}/{two,three}/NNNNN.png; return how many images each folder got."""
+def thicken(grey: np.ndarray) -> np.ndarray:
+    """Digits [n, 28, 28] with strokes about two pixels wider: a 3×3 grey dilation of each digit."""
+    return ndimage.grey_dilation(grey, size=(1, 3, 3))
+
+
+def domains(digits: np.ndarray, labels: np.ndarray, pair: str) -> dict[str, np.ndarray]:
+    """The grey digits of each domain of `pair` in one split."""
+    if pair == "two-three":
+        return {name: digits[labels == label] for name, label in DOMAINS.items()}
+    half = len(digits) // 2
+    return {"thin": digits[:half], "bold": thicken(digits[half:])}
+
+
+def build(splits: Splits, out: Path, per_split: int | None, seed: int, pair: str = "two-three") -> dict[str, int]:
+    """Write out/{train,test}/{domain}/NNNNN.png; return how many images each folder got."""
     rng = np.random.default_rng(seed)
     written: dict[str, int] = {}
     for split, (digits, labels) in splits.items():
-        for name, label in DOMAINS.items():
-            chosen = digits[labels == label][:per_split]
+        for name, grey in domains(digits, labels, pair).items():
+            chosen = grey[:per_split]
             coloured, _ = colour_digits(chosen, rng)
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -126,8 +146,11 @@ def build(splits: Splits, out: Path, per_split: int | None, seed: int) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the coloured MNIST 2 → 3 folders (32×32 PNG).")
+    parser = argparse.ArgumentParser(description="Build the coloured MNIST 2 → 3 (or thin → bold) folders, 32×32 PNG.")
     parser.add_argument("out", type=Path, help="output folder; gets train/two, train/three, test/two, test/three")
+    parser.add_argument(
+        "--pair", choices=PAIRS, default="two-three", help="two-three (default) or thin-bold (train/thin, train/bold…)"
+    )
     parser.add_argument("--per-split", type=int, default=None, help="at most N digits per folder (default: all)")
     parser.add_argument(
         "--mnist",
@@ -152,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error} — {error.hint}", file=sys.stderr)
         return 1
     print(f"MNIST from {origin}", file=sys.stderr)
-    written = build(splits, args.out, args.per_split, args.seed)
+    written = build(splits, args.out, args.per_split, args.seed, args.pair)
     for folder, count in written.items():
         print(f"{args.out / folder}\t{count} images")
     return 0

@@ -146,6 +146,23 @@ def test_digits_build_offline_from_an_npz_or_a_torchvision_folder(offline: Modul
     assert built(tmp_path / "from-tv") == npz  # the same digits give the same files, whatever the source
 
 
+def test_thin_bold_splits_the_digits_and_thickens_the_second_half(offline: ModuleType, tmp_path: Path) -> None:
+    arrays = fake_mnist()
+    arrays["x_train"][:] = 0
+    arrays["x_train"][:, 10:18, 13] = 255  # a one-pixel vertical stroke in every digit
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    assert offline.main([str(tmp_path / "out"), "--mnist", str(tmp_path / "mnist.npz"), "--pair", "thin-bold"]) == 0
+    files = built(tmp_path / "out")
+    assert sorted({name.rsplit("/", 1)[0] for name in files}) == ["test/bold", "test/thin", "train/bold", "train/thin"]
+    assert len(files) == 10 + 6  # every digit once: the first half thin, the second bold
+
+    def lit(domain: str) -> float:
+        images = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "out" / "train" / domain).glob("*.png"))]
+        return float(np.mean([(image.max(axis=2) > 64).sum() for image in images]))
+
+    assert lit("bold") > 2 * lit("thin")  # a 3×3 dilation makes the stroke three pixels wide, and one longer each end
+
+
 def test_digits_download_into_the_cache_when_no_mnist_is_given(
     offline: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -134,6 +134,8 @@ def validate(config: Any) -> dict[str, Any]:
         raise CapacitorError(f"config.json: 'network' must be a UNet, got kind {_shown(network.get('kind'))}")
     if "latent" in config:
         _check_latent(config)
+    if "distilled" in config:
+        _check_distilled(config["distilled"])
     return {**config, "format_version": FORMAT_VERSION, "network": _without_copies(config, network)}
 
 
@@ -200,6 +202,48 @@ def _check_latent(config: dict[str, Any]) -> None:
     origin = latent.get("origin", "")
     if not isinstance(origin, str) or len(origin) > 300 or not origin.isprintable():
         raise CapacitorError("config.json: latent.origin must be a short printable text")
+
+
+DISTILLED_NFE = (1, 2, 4)
+"""Euler step counts a distilled capacitor (`efm distill`) is measured at and may be exported with."""
+
+
+def _count(value: Any, low: int) -> bool:
+    return type(value) is int and value >= low
+
+
+def _error_ok(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _check_distilled(distilled: Any) -> None:
+    """`efm distill`'s record (what the student was distilled from and how close it lands): only descriptive, but a
+    card or `efm models` prints it, so its numbers must be finite and its step counts the ones it can be."""
+    shape = (
+        "config.json: 'distilled' needs teacher (a short printable text), pairs and held_out (counts ≥ 1), steps "
+        f"(≥ 0), nfe in {DISTILLED_NFE} and errors: an object from k in {DISTILLED_NFE} to finite, "
+        "non-negative student and teacher errors"
+    )
+    if not isinstance(distilled, dict):
+        raise CapacitorError(f"{shape}; got {_shown(distilled)}")
+    teacher, errors = distilled.get("teacher"), distilled.get("errors")
+    fine = (
+        isinstance(teacher, str)
+        and 0 < len(teacher) <= 300
+        and teacher.isprintable()
+        and _count(distilled.get("pairs"), 1)
+        and _count(distilled.get("held_out"), 1)
+        and _count(distilled.get("steps"), 0)
+        and _one_of(distilled.get("nfe"), DISTILLED_NFE)
+        and isinstance(errors, dict)
+        and all(key in {str(k) for k in DISTILLED_NFE} for key in errors)
+        and all(
+            isinstance(row, dict) and _error_ok(row.get("student")) and _error_ok(row.get("teacher"))
+            for row in errors.values()
+        )
+    )
+    if not fine:
+        raise CapacitorError(f"{shape}; got {_shown(distilled)}")
 
 
 def field_space(config: dict[str, Any]) -> tuple[int, int]:

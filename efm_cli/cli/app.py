@@ -22,6 +22,7 @@ from efm_cli import env as env_info
 from efm_cli.cli import console
 from efm_cli.cli.autoencoder import autoencoder_command
 from efm_cli.cli.console import ExitCode
+from efm_cli.cli.distill import distill_command
 from efm_cli.cli.eval import eval_command
 from efm_cli.cli.hub import download_command, models_command, push_command
 from efm_cli.cli.options import JsonOption, QuietOption
@@ -29,6 +30,7 @@ from efm_cli.cli.sampler import sampler_command
 from efm_cli.cli.train import train_command
 from efm_cli.cli.translate import translate_command
 from efm_cli.errors import EfmError, UsageError
+from efm_cli.threads import share_cores
 
 app = typer.Typer(
     name="efm",
@@ -94,6 +96,7 @@ app.command("push")(push_command)
 app.command("eval")(eval_command)
 app.command("autoencoder")(autoencoder_command)
 app.command("sampler")(sampler_command)
+app.command("distill")(distill_command)
 
 
 def _human(value: Any) -> str:
@@ -129,6 +132,7 @@ def _debug() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `efm` and return its exit code (the console script hands it to `sys.exit`)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    share_cores()  # before any command imports torch
     if console.no_color():
         _plain_help()
     try:

@@ -58,8 +58,14 @@ def train_command(
         str | None, typer.Option(help="Name of the target plate (default: from the folder).", rich_help_panel=_DATA)
     ] = None,
     size: Annotated[
-        int, typer.Option(min=MIN_SIZE, max=MAX_SIZE, help="Image size (a multiple of 8).", rich_help_panel=_DATA)
-    ] = 64,
+        int | None,
+        typer.Option(
+            min=MIN_SIZE,
+            max=MAX_SIZE,
+            help="Image size, a multiple of 8 (default: the images' median shorter side, from 32 to 64).",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
     resize: Annotated[
         ResizeChoice,
         typer.Option(help="resize: squash to a square; crop: centre square.", rich_help_panel=_DATA),
@@ -336,7 +342,8 @@ class Reporter:
             self.bar.update(self.task, completed=progress.step, total=progress.total, loss=loss, rate=rate)
         elif not self.silent and time.monotonic() - self.last_line >= 30:
             self.last_line = time.monotonic()
-            console.info(f"step {progress.step}/{self.total}  loss {loss}  {rate} it/s  skipped {progress.skipped}")
+            of = f"/{self.total}" if self.total is not None else " (measuring the speed)"
+            console.info(f"step {progress.step}{of}  loss {loss}  {rate} it/s  skipped {progress.skipped}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -71,6 +71,23 @@ def median_shorter_side(paths: list[Path], sample: int = 256) -> int | None:
     return sorted(sides)[len(sides) // 2] if sides else None
 
 
+LARGEST_DEFAULT_SIZE = 64
+"""The default training size never exceeds this: 64×64 trains at about 0.3 steps/s on 2 CPU cores (README)."""
+SMALLEST_DEFAULT_SIZE = 32
+"""Nor falls below this, the smallest size the defaults were measured at."""
+
+
+def fitting_size(folders: list[Path], step: int) -> int:
+    """The default `--size`: the smaller of the plates' median shorter sides, rounded down to a multiple of
+    `step`, within SMALLEST/LARGEST_DEFAULT_SIZE, so that small images are not blown up into blurred charges
+    (32×32 digits train at 32) and large photos train at the size a CPU can afford."""
+    sides = [median_shorter_side(find_images(folder)) for folder in folders]
+    known = [side for side in sides if side is not None]
+    side = min(known) if known else LARGEST_DEFAULT_SIZE
+    size = min(max(side, SMALLEST_DEFAULT_SIZE), LARGEST_DEFAULT_SIZE)
+    return max(step, size // step * step)
+
+
 def _decode(path: Path, prep: Preprocessing) -> Tensor:
     """One picture as uint8 [3, size, size]: exact, since `to_tensor` is uint8 pixels / 127.5 − 1."""
     return ((to_tensor(load(path).rgb, prep.size, mode=prep.resize) + 1.0) * 127.5).round().to(torch.uint8)

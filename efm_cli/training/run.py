@@ -62,6 +62,7 @@ from efm_cli.training.data import (
     batches,
     cyclegan_folders,
     domain_names,
+    fitting_size,
     median_shorter_side,
 )
 from efm_cli.training.step import (
@@ -187,7 +188,7 @@ def new_settings(
     *,
     source_name: str | None = None,
     target_name: str | None = None,
-    size: int = 64,
+    size: int | None = None,
     resize: ResizeMode = "resize",
     hflip: bool = True,
     field: FieldKind = "tube",
@@ -216,8 +217,9 @@ def new_settings(
     """The settings of a new run between two folders, with efm's defaults, checked against each other.
 
     `source` may be a CycleGAN-style folder (trainA/, trainB/) when `target` is None, and either plate may be
-    `noise`. Unset L, charges and tube width S take the defaults of the field kind; unset plate names come from
-    the folders. `latent` (an autoencoder folder, `efm autoencoder` run or Hub repo) makes a latent capacitor.
+    `noise`. An unset size fits the images (`fitting_size`); unset L, charges and tube width S take the defaults
+    of the field kind; unset plate names come from the folders. `latent` (an autoencoder folder, `efm autoencoder`
+    run or Hub repo) makes a latent capacitor.
     Without `steps`, `minutes` sizes the schedule to that much wall time (`Sizing`), else it has DEFAULT_STEPS;
     an unset warm-up is WARMUP_SHARE of the schedule. Every rule that `efm train` enforces is here, so that a Python
     caller gets the same ones.
@@ -247,20 +249,23 @@ def new_settings(
                     f"{inner_flag} {inner} is inside {outer_flag} {outer}",
                     "pass two separate folders: the outer one is searched recursively",
                 )
-    if not size_ok(size):
-        raise SettingsError(f"--size {size} is not {SIZE_RULE}", "use 32, 64, 128 or 256")
-    width = default_tube_width(size)
     factor, channels = 1, 3
     if latent is not None:
         folder = autoencoder.locate(latent)
         factor, channels = autoencoder.shape_of(folder)
+        latent = str(folder.resolve())
+    if size is None:
+        size = fitting_size([Path(f) for f in (source, target) if f != NOISE], SIZE_STEP * factor)
+    if not size_ok(size):
+        raise SettingsError(f"--size {size} is not {SIZE_RULE}", "use 32, 64, 128 or 256")
+    width = default_tube_width(size)
+    if latent is not None:
         if size % (SIZE_STEP * factor):
             raise SettingsError(
                 f"--size {size} is not a multiple of {SIZE_STEP * factor}",
                 f"the autoencoder makes images {factor}× smaller; the field network needs a multiple of {SIZE_STEP}",
             )
         width = LATENT_SPREAD * default_tube_width(size // factor, channels)
-        latent = str(folder.resolve())
     charges = charges if charges is not None else DEFAULT_CHARGES[field]
     if charges < points:
         raise SettingsError(f"--charges {charges} is below --batch-size {points}", "points lie between charges")
@@ -916,8 +921,9 @@ def _sized_message(settings: RunSettings, step: int) -> str:
     schedule, sizing = settings.schedule, settings.sizing
     assert sizing is not None and sizing.rate is not None and schedule.total is not None
     warm = f"warm-up {schedule.warmup}" + (" (--warmup)" if not sizing.proportional_warmup else "")
+    unit = "minute" if sizing.minutes == 1 else "minutes"
     message = (
-        f"sized the schedule to {sizing.minutes:g} minutes: {schedule.total} steps at {sizing.rate:.3g} steps/s "
+        f"sized the schedule to {sizing.minutes:g} {unit}: {schedule.total} steps at {sizing.rate:.3g} steps/s "
         f"measured over the first {step}, {warm}, cosine to the end (--steps N sets the length instead)"
     )
     if schedule.warmup >= schedule.total:

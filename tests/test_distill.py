@@ -1,0 +1,244 @@
+"""`efm distill` (efm_cli.training.distill): the straight-line target, a short distillation that lands closer to the
+teacher with few Euler steps than the teacher itself does, the exported capacitor, cached pairs on --resume, the
+`distilled` config record, and the command's refusals."""
+
+import copy
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, Run, climbing_capacitor, digests, one_error_line, shapes
+
+from efm_cli.capacitor.format import CONFIG_NAME, CapacitorError, new_config, validate
+from efm_cli.capacitor.model import Capacitor
+from efm_cli.integrator import integrate
+from efm_cli.network import preset
+from efm_cli.training import distill as dist
+
+L = 6.0
+LEVELS = 127.5
+
+
+def teacher() -> Capacitor:
+    """A tiny random teacher whose field has about the norm √N that trained fields have (their targets' norm):
+    f_z ≈ 20 and |f_x| ≈ 19 at 16×16 (√N ≈ 27.7), so its lines move images by about 9 levels and bend a little."""
+    config = new_config(
+        source="square",
+        target="disc",
+        network=preset("tiny", size=TINY, L=L).to_dict(),
+        field={"kind": "tube", "L": L, "S": 1.0},
+        size=TINY,
+        sampler={"solver": "dopri5", "rtol": 1e-3, "atol": 1e-3},
+    )
+    capacitor = climbing_capacitor(config, seed=1, everything=True)
+    network = capacitor.network
+    with torch.no_grad():
+        network.conv_out.bias[-1] = 20.0 / network.z_scale
+        network.conv_out.weight[:-1] *= 10.0
+        network.conv_out.bias[:-1] *= 10.0
+    return capacitor
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved teacher and two small image folders, shared by the module's tests (none may change them)."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher().save_pretrained(root / "teacher")
+    shapes(root / "squares", "square", 20, seed=0)
+    shapes(root / "discs", "disc", 10, seed=1)
+    (root / "empty").mkdir()
+    return root
+
+
+def settings(data: Path, **changes: object) -> dist.DistillSettings:
+    base = dist.DistillSettings(
+        teacher=str(data / "teacher"),
+        source=str(data / "squares"),
+        target=str(data / "discs"),
+        steps=120,
+        lr=1e-3,
+        seed=0,
+    )
+    return replace(base, **changes)
+
+
+def rms_levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() - b.double()).flatten(1).square().mean(1).sqrt() * LEVELS
+
+
+def test_a_field_along_the_straight_target_carries_a_onto_b_with_any_euler_step_count() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(5, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
+    b = torch.rand(5, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
+    eps = 1e-3
+    z0, z1 = eps, L - eps
+    target = dist.straight_target(a, b, z1 - z0)
+    n = 1 + 3 * 4 * 4
+    # Scaled like the teacher's training targets (norm √N), and its slope is the chord's.
+    torch.testing.assert_close(target.norm(dim=1), torch.full((5,), n**0.5, dtype=torch.float64))
+    torch.testing.assert_close(target[:, 1:] / target[:, :1], (b - a).flatten(1) / (z1 - z0))
+
+    def field(z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return target[:, 0], target[:, 1:].view_as(x)  # constant along each line: what a straight field is
+
+    for steps in (1, 2, 4):
+        forward = integrate(field, a, z0, z1, solver="euler", steps=steps)
+        backward = integrate(field, b, z1, z0, solver="euler", steps=steps)
+        torch.testing.assert_close(forward.x, b, rtol=0, atol=1e-12)
+        torch.testing.assert_close(backward.x, a, rtol=0, atol=1e-12)
+    z, x = dist.line_points(a, b, torch.tensor([0.0, 1.0, 0.5, 0.25, 1.0], dtype=torch.float64), z0, z1)
+    torch.testing.assert_close(z, torch.tensor([z0, z1, (z0 + z1) / 2, z0 + (z1 - z0) / 4, z1], dtype=torch.float64))
+    torch.testing.assert_close(x[0], a[0])
+    torch.testing.assert_close(x[2], (a[2] + b[2]) / 2)
+
+
+def test_the_default_step_count_is_the_fewest_within_a_quarter_of_the_error_at_four() -> None:
+    def rows(*means: float | None) -> list[dist.Errors]:
+        return [dist.Errors(k, m, m, m, 1.0, 1.0, 1.0, 0) for k, m in zip((1, 2, 4), means, strict=True)]
+
+    assert dist.choose_nfe(rows(1.2, 1.1, 1.0))[0] == 1
+    assert dist.choose_nfe(rows(1.3, 1.25, 1.0))[0] == 2
+    assert dist.choose_nfe(rows(3.0, 2.0, 1.0))[0] == 4
+    assert dist.choose_nfe(rows(3.0, 2.0, 1.0), 1) == (1, "--nfe")
+    assert dist.choose_nfe(rows(None, None, None))[0] == 4
+
+
+def distilled_config(**record: object) -> dict:
+    good = {
+        "teacher": "runs/h2z/model",
+        "pairs": 90,
+        "held_out": 10,
+        "steps": 1000,
+        "nfe": 2,
+        "errors": {"1": {"student": 1.5, "teacher": 9.0}, "2": {"student": 0.7, "teacher": 4.0}},
+    }
+    config = teacher().config
+    return {**config, "sampler": {"solver": "euler", "steps": 2}, "distilled": {**good, **record}}
+
+
+def test_the_config_accepts_a_distilled_record_and_refuses_malformed_ones() -> None:
+    assert validate(distilled_config())["distilled"]["nfe"] == 2
+    bad = [
+        {"nfe": 3},
+        {"nfe": True},
+        {"pairs": 0},
+        {"steps": -1},
+        {"held_out": 1.5},
+        {"teacher": ""},
+        {"teacher": "a\x1b[2Jb"},
+        {"errors": {"3": {"student": 1.0, "teacher": 1.0}}},
+        {"errors": {"1": {"student": float("nan"), "teacher": 1.0}}},
+        {"errors": {"1": {"student": -1.0, "teacher": 1.0}}},
+        {"errors": {"1": {"student": 1.0}}},
+        {"errors": [1.0]},
+    ]
+    for change in bad:
+        with pytest.raises(CapacitorError, match="'distilled'"):
+            validate(distilled_config(**change))
+    with pytest.raises(CapacitorError, match="'distilled'"):
+        validate({**teacher().config, "distilled": "yes"})
+
+
+def test_a_short_distillation_lands_closer_with_few_steps_and_exports_a_capacitor_resume_reuses_its_pairs(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    before = digests(data)
+    run = tmp_path / "run"
+    summary = dist.distill(settings(data), run)
+    assert (summary.step, summary.total, summary.stopped) == (120, 120, "steps")
+    assert (summary.pairs, summary.forward_pairs, summary.backward_pairs, summary.dropped) == (30, 20, 10, 0)
+    assert (summary.train_pairs, summary.held_out, summary.reused_pairs) == (27, 3, False)
+    by_k = {row.steps: row for row in summary.errors}
+    assert by_k[1].student_mean < 0.7 * by_k[1].teacher_mean
+    assert by_k[2].student_mean < by_k[2].teacher_mean
+
+    # The exported folder is a plain capacitor: it loads, its sampler is Euler with the chosen steps, and it lands
+    # nearer the teacher's own translations than the teacher's field does with one Euler step (measured here, on
+    # every source image, independently of the run's held-out numbers).
+    student = Capacitor.from_pretrained(run / "model")
+    assert student.config["sampler"] == {"solver": "euler", "steps": summary.nfe}
+    record = student.config["distilled"]
+    assert (record["teacher"], record["pairs"], record["held_out"], record["steps"]) == (
+        str(data / "teacher"),
+        27,
+        3,
+        120,
+    )
+    assert record["nfe"] == summary.nfe and set(record["errors"]) == {"1", "2", "4"}
+    assert json.loads((run / "distill.json").read_text())["nfe"] == summary.nfe
+    original = Capacitor.from_pretrained(data / "teacher")
+    from efm_cli.capacitor.sampler import load_folder
+
+    images, _ = load_folder(original, data / "squares")
+    reference = original.translate(images).images
+    one_step = rms_levels(original.translate(images, solver="euler", steps=1).images, reference).mean()
+    distilled = student.translate(images, solver="euler", steps=1)
+    assert int(distilled.solution.nfe.max()) == 1
+    assert rms_levels(distilled.images, reference).mean() < 0.7 * one_step
+
+    # --resume with more steps: the cached pairs are read back, not integrated again, and the student continues.
+    pairs_digest = hashlib.sha256((run / dist.PAIRS_NAME).read_bytes()).hexdigest()
+
+    def no_integration(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher integrated again")
+
+    monkeypatch.setattr(dist, "integrate_teacher", no_integration)
+    again = dist.distill(settings(data, steps=130), run, resume=True)
+    assert again.reused_pairs and (again.step, again.total) == (130, 130)
+    assert hashlib.sha256((run / dist.PAIRS_NAME).read_bytes()).hexdigest() == pairs_digest
+    assert Capacitor.from_pretrained(run / "model").config["distilled"]["steps"] == 130
+    assert digests(data) == before
+
+
+def test_runs_with_the_same_seed_give_the_same_student(data: Path, tmp_path: Path, one_thread: None) -> None:
+    few = settings(data, steps=5, pairs=6)
+    first = dist.distill(few, tmp_path / "one")
+    second = dist.distill(copy.copy(few), tmp_path / "two")
+    assert first.errors == second.errors
+    weights = [(tmp_path / run / "model" / "model.safetensors").read_bytes() for run in ("one", "two")]
+    assert weights[0] == weights[1]
+    assert first.pairs == 6 and first.forward_pairs == 3 and first.backward_pairs == 3
+
+
+def test_a_latent_teacher_distils_into_a_latent_student_with_its_autoencoder(
+    data: Path, tmp_path: Path, one_thread: None
+) -> None:
+    from test_latent import latent_capacitor
+
+    latent_capacitor(tmp_path / "ae").save_pretrained(tmp_path / "latent")
+    summary = dist.distill(settings(data, teacher=str(tmp_path / "latent"), steps=3, pairs=4), tmp_path / "run")
+    pairs = dist.load_pairs(tmp_path / "run" / dist.PAIRS_NAME)
+    assert pairs.a.shape == (4, 4, 8, 8)  # the field's space: 4-channel codes of the 32×32 images
+    student = Capacitor.from_pretrained(tmp_path / "run" / "model")
+    assert student.latent and student.config["sampler"] == {"solver": "euler", "steps": summary.nfe}
+    assert student.translate(torch.zeros(1, 3, 32, 32)).images.shape == (1, 3, 32, 32)
+
+
+def test_the_command_distils_and_its_capacitor_translates(data: Path, tmp_path: Path, run_efm: Run) -> None:
+    before = digests(data)
+    out = tmp_path / "fast"
+    common = ("--source", str(data / "squares"), "--out", str(out), "--steps", "10", "--nfe", "1", "--pairs", "8")
+    done = run_efm("distill", str(data / "teacher"), *common, "--lr", "1e-3", "--json", "-q")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["nfe"], report["step"], report["pairs"]) == (1, 10, 8)
+    assert json.loads((out / "model" / CONFIG_NAME).read_text())["sampler"] == {"solver": "euler", "steps": 1}
+    translated = run_efm("translate", str(data / "squares"), "-m", str(out / "model"), "-o", str(tmp_path / "t"), "-q")
+    assert translated.returncode == 0, translated.stderr
+    assert len(list((tmp_path / "t").glob("*.png"))) == 20
+
+    refusals = [
+        (("--source", str(data / "missing")), 2, "does not exist"),
+        (("--source", str(data / "empty"), "--out", str(tmp_path / "e")), 1, "no readable images"),
+        (("--source", str(data / "squares"), "--nfe", "3"), 2, "--nfe"),
+        (common, 1, "already holds files"),
+    ]
+    for args, code, reason in refusals:
+        failed = run_efm("distill", str(data / "teacher"), *args)
+        assert failed.returncode == code, (args, failed.stderr)
+        assert reason in one_error_line(failed.stderr)
+    assert not (tmp_path / "e").exists()
+    assert digests(data) == before
