@@ -538,18 +538,19 @@ def measure(teacher: Capacitor, student: nn.Module, held: Pairs, *, batch_size: 
     in the direction the teacher ran it."""
     from efm_cli.capacitor.sampler import _decode, _integrate, endpoint_error, summarise
 
+    lines: list[tuple[Direction, Tensor, Tensor]] = []  # direction, starts and decoded teacher endpoints
+    for code, direction in ((FORWARD, "forward"), (BACKWARD, "backward")):
+        chosen = held.direction == code
+        if chosen.any():
+            start, end = (held.a, held.b) if code == FORWARD else (held.b, held.a)
+            lines.append((direction, start[chosen], _decode(teacher, end[chosen], batch_size)))
     rows = []
     for steps in DISTILLED_NFE:
         found: dict[str, tuple[list[Tensor], list[Tensor]]] = {"student": ([], []), "teacher": ([], [])}
-        for code, direction in ((FORWARD, "forward"), (BACKWARD, "backward")):
-            chosen = held.direction == code
-            if not chosen.any():
-                continue
-            start, end = (held.a, held.b) if code == FORWARD else (held.b, held.a)
-            reference = _decode(teacher, end[chosen], batch_size)
+        for direction, start, reference in lines:
             for name, network in (("student", student), ("teacher", teacher.network)):
                 options = {"solver": "euler", "steps": steps}
-                ran = _integrate(network, start[chosen], teacher.plates(direction), options, batch_size)
+                ran = _integrate(network, start, teacher.plates(direction), options, batch_size)
                 errors, landed = found[name]
                 errors.append(endpoint_error(_decode(teacher, ran.x, batch_size), reference))
                 landed.append(ran.landed)
