@@ -1,4 +1,5 @@
-"""Writing files so that a reader, or a run killed half-way, never sees a partial one."""
+"""Writing files so that a reader, or a run killed half-way, never sees a partial one; reading back the JSON
+documents efm writes."""
 
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def write_json(path: str | os.PathLike[str], document: Any) -> None:
     """Write `document` as indented JSON (UTF-8, final newline) through `atomic_path`."""
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def read_document(path: Path, format_name: str) -> dict[str, Any]:
+    """The JSON object at `path` whose "format" is `format_name` (a run's config.json); FileNotFoundError when it
+    is missing, ValueError (or KeyError/TypeError from the caller's parsing) when it is something else."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise ValueError(f"format is {found!r}, not {format_name!r}")
+    return document
 
 
 @functools.cache

@@ -5,6 +5,7 @@ teacher with few Euler steps than the teacher itself does, the exported capacito
 import copy
 import hashlib
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -242,3 +243,29 @@ def test_the_command_distils_and_its_capacitor_translates(data: Path, tmp_path: 
         assert reason in one_error_line(failed.stderr)
     assert not (tmp_path / "e").exists()
     assert digests(data) == before
+
+
+def test_pairs_that_eat_the_minutes_are_warned_about_early_kept_and_trained_on_by_resume(
+    data: Path, tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = dist.integrate_teacher
+
+    def slow(*args: object, **kwargs: object) -> object:  # a teacher at 0.2 s per batch against 0.6 s of budget
+        def late(count: int) -> None:
+            time.sleep(0.2)
+            on_batch(count)
+
+        on_batch = kwargs.pop("on_batch")
+        return real(*args, on_batch=late, **kwargs)
+
+    monkeypatch.setattr(dist, "integrate_teacher", slow)
+    warnings: list[str] = []
+    run = tmp_path / "run"
+    with pytest.raises(dist.DistillError, match="left to train") as refused:
+        dist.distill(settings(data, steps=None, minutes=0.01), run, warn=warnings.append)
+    assert f"--resume {run}" in refused.value.hint
+    assert len(warnings) == 1 and "pairs take about" in warnings[0] and "--pairs" in warnings[0]
+    assert len(dist.load_pairs(run / dist.PAIRS_NAME)) == 30 and not (run / "model").exists()
+    monkeypatch.setattr(dist, "integrate_teacher", real)
+    again = dist.distill(settings(data, steps=3, minutes=None), run, resume=True)
+    assert again.reused_pairs and again.step == 3 and (run / "model" / CONFIG_NAME).is_file()

@@ -1,4 +1,5 @@
-"""Defaults an unknown pair gets without flags: the training size fits the images, and OpenMP yields shared cores."""
+"""Defaults an unknown pair gets without flags: the training size fits the images, random flips only for plates
+that look mirror-symmetric, and OpenMP yields shared cores."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from conftest import TINY_AE
 from PIL import Image
 
 from efm_cli.threads import SPIN_COUNT, share_cores
-from efm_cli.training.data import fitting_size
-from efm_cli.training.run import new_settings
+from efm_cli.training.data import MIRROR_LIMIT, fitting_size, mirror_asymmetry
+from efm_cli.training.run import flips_message, new_settings
 
 
 def pictures(folder: Path, sides: list[tuple[int, int]]) -> Path:
@@ -100,3 +101,67 @@ def test_efm_runs_torch_with_the_spin_in_effect(
     devices = json.loads(result.stdout)["devices"]
     assert (devices["GOMP_SPINCOUNT"], devices["OMP_WAIT_POLICY"]) == (spin, policy)
     assert result.stderr.strip().splitlines()[-1] == str(spin)
+
+
+def glyphs(folder: Path, count: int, seed: int, *, mirrored_too: bool = False) -> Path:
+    """'L'-shaped strokes of random colour and jitter: a domain whose mirror images (a reversed L) it never shows.
+    With `mirrored_too`, every picture also comes mirrored, so the plate's distribution is mirror-symmetric."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image = np.zeros((32, 32, 3), np.uint8)
+        x, y = (int(v) for v in rng.integers(4, 9, 2))
+        colour = rng.integers(80, 256, 3, dtype=np.uint8)
+        image[y : y + 20, x : x + 4] = colour
+        image[y + 16 : y + 20, x : x + 14] = colour
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+        if mirrored_too:
+            Image.fromarray(image[:, ::-1]).save(folder / f"{i:03d}-mirrored.png")
+    return folder
+
+
+def noise(folder: Path, count: int, seed: int) -> Path:
+    """Independent uniform noise pictures: mirror-symmetric in distribution, asymmetric in any finite sample."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_mirror_asymmetry_tells_one_handed_pictures_from_symmetric_ones_and_discounts_sampling_noise(
+    tmp_path: Path,
+) -> None:
+    from efm_cli.images import find_images
+
+    one_handed = mirror_asymmetry(find_images(glyphs(tmp_path / "l", 60, seed=0)))
+    both_hands = mirror_asymmetry(find_images(glyphs(tmp_path / "both", 30, seed=0, mirrored_too=True)))
+    folder = noise(tmp_path / "noise", 40, seed=1)
+    sampled = mirror_asymmetry(find_images(folder))
+    assert one_handed is not None and one_handed > 2 * MIRROR_LIMIT
+    assert both_hands == 0.0
+    # 40 noise pictures: their mean differs from its mirror by about sqrt(2/40) = 0.22 of the spread, which the
+    # estimate takes out as noise rather than calling the plate one-handed.
+    pixels = np.stack([np.asarray(Image.open(p), np.float64) for p in find_images(folder)]) / 255.0
+    mean = pixels.mean(0)
+    raw = np.sqrt(((mean - mean[:, ::-1]) ** 2).mean() / pixels.var(0, ddof=1).mean())
+    assert raw > MIRROR_LIMIT and sampled is not None and sampled < MIRROR_LIMIT / 2
+    assert mirror_asymmetry([tmp_path / "missing.png"]) is None
+
+
+def test_flips_are_on_by_default_only_when_both_plates_look_mirror_symmetric(tmp_path: Path) -> None:
+    letters, shapes_ = glyphs(tmp_path / "letters", 30, seed=0), noise(tmp_path / "shapes", 30, seed=2)
+    symmetric = glyphs(tmp_path / "both", 15, seed=3, mirrored_too=True)
+    one_handed = new_settings(str(letters), str(shapes_))
+    assert one_handed.prep.hflip is False and one_handed.mirror is not None
+    assert one_handed.mirror["source"] > MIRROR_LIMIT > one_handed.mirror["target"]
+    message = flips_message(one_handed)
+    assert message is not None and message.startswith("random flips off") and "--hflip" in message
+    assert "letters" in message and "shapes" in message
+    both = new_settings(str(symmetric), str(shapes_))
+    assert both.prep.hflip is True and "--no-hflip" in (flips_message(both) or "")
+    assert new_settings("noise", str(symmetric)).prep.hflip is True  # a noise plate has no pictures to measure
+    chosen = new_settings(str(letters), str(shapes_), hflip=True)
+    assert chosen.prep.hflip is True and chosen.mirror is None and flips_message(chosen) is None
+    settings = json.loads(json.dumps(one_handed.to_json()))
+    assert type(one_handed).from_json(settings) == one_handed  # --resume reads the same choice back

@@ -71,8 +71,15 @@ def train_command(
         typer.Option(help="resize: squash to a square; crop: centre square.", rich_help_panel=_DATA),
     ] = ResizeChoice.resize,
     hflip: Annotated[
-        bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", rich_help_panel=_DATA)
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--hflip/--no-hflip",
+            help="Random horizontal flips (default: on when both plates look mirror-symmetric, as photos do; off "
+            "for digits, text and other pictures whose mirror image the domain never shows).",
+            show_default=False,
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
     field: Annotated[
         FieldChoice,
         typer.Option(help="tube: the interaction field of IFM; coulomb: EFM's field.", rich_help_panel=_FIELD),
@@ -196,7 +203,15 @@ def train_command(
     """
     started = time.monotonic()
     console.set_quiet(quiet)
-    from efm_cli.training.run import Budget, fit, new_settings, read_settings, with_minutes, with_steps
+    from efm_cli.training.run import (
+        Budget,
+        fit,
+        flips_message,
+        new_settings,
+        read_settings,
+        with_minutes,
+        with_steps,
+    )
 
     if resume is not None:
         _refuse_changes(ctx)
@@ -243,6 +258,9 @@ def train_command(
             raise EfmError(f"{run} already holds files", f"continue it with --resume {run}, or pick another --out")
     reporter = Reporter(settings.schedule.total, quiet or json_output)
     console.info(f"training {settings.source_name} → {settings.target_name} in {run}")
+    flips = flips_message(settings) if resume is None else None
+    if flips is not None:
+        console.info(flips)
     try:
         summary = fit(
             settings,

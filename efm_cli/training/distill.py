@@ -37,7 +37,7 @@ from efm_cli import __version__, devices
 from efm_cli.capacitor.format import DISTILLED_NFE, Direction
 from efm_cli.capacitor.model import Capacitor
 from efm_cli.errors import EfmError, UsageError
-from efm_cli.files import atomic_path, write_json
+from efm_cli.files import atomic_path, read_document, write_json
 from efm_cli.training import checkpoint
 from efm_cli.training.step import FieldSpec, Schedule, Trainer, _step_seed
 
@@ -61,6 +61,10 @@ PROBE_SHARE, PROBE_SECONDS = 0.05, (2.0, 30.0)
 the budget) before it fixes its number of steps; as `efm train` does, with shorter bounds for shorter runs."""
 RESERVE_SHARE, RESERVE_SECONDS = 0.1, 3.0
 """Time kept back at the end of a time-sized run for the checkpoint, the measurement and the export."""
+MIN_TRAIN_SECONDS = 30.0
+"""A time-sized run whose pairs leave less than this to train stops before training (its pairs are kept)."""
+PAIRS_WARN_SHARE = 0.5
+"""Warn when making the pairs is projected to take more than this share of --max-minutes."""
 FORWARD, BACKWARD = 0, 1
 """How a pair was made: a source image carried forward, or a target image carried backward."""
 
@@ -237,11 +241,16 @@ def distill(
     torch.set_flush_denormal(True)
     place = devices.choose(device) if isinstance(device, str) else device
     teacher = open_teacher(settings.teacher, place)
-    pairs, reused, skipped = _pairs_of_run(teacher, settings, run, say, warn)  # nothing is written before they are
+    deadline = clock + 60 * settings.minutes if settings.minutes is not None else None
+    pairs, reused, skipped = _pairs_of_run(teacher, settings, run, say, warn, deadline)  # written once made
     write_json(run / SETTINGS_NAME, {"format": RUN_FORMAT, "efm_version": __version__, "settings": settings.to_json()})
+    if deadline is not None and deadline - time.monotonic() < MIN_TRAIN_SECONDS:
+        raise DistillError(
+            f"making the pairs took the --max-minutes: {max(deadline - time.monotonic(), 0):.0f} s are left to train",
+            f"they are saved; train on them with efm distill --resume {run} --max-minutes M",
+        )
     train, held = split(pairs, settings.seed)
     trainer, total = _student(teacher, settings, run, place, resume)
-    deadline = clock + 60 * settings.minutes if settings.minutes is not None else None
     session = time.monotonic()
     done_before = trainer.step
     stopped, total, losses = _train(trainer, train.to(place), total, deadline, settings, on_progress, warn)
@@ -283,9 +292,7 @@ def distill(
 def read_settings(run: Path) -> DistillSettings:
     """The settings of an existing distillation run folder (for --resume)."""
     try:
-        document = json.loads((run / SETTINGS_NAME).read_text(encoding="utf-8"))
-        if document.get("format") != RUN_FORMAT:
-            raise ValueError(f"format is {document.get('format')!r}, not {RUN_FORMAT!r}")
+        document = read_document(run / SETTINGS_NAME, RUN_FORMAT)
         return DistillSettings.from_json(document["settings"])
     except FileNotFoundError as error:
         raise DistillError(
@@ -336,6 +343,7 @@ def _pairs_of_run(
     run: Path,
     say: Callable[[str], None],
     warn: Callable[[str], None],
+    deadline: float | None = None,
 ) -> tuple[Pairs, bool, list[dict[str, str]]]:
     """The run's cached pairs when they come from this teacher, else new ones (written to RUN/pairs.safetensors)."""
     path, print_ = run / PAIRS_NAME, fingerprint(teacher)
@@ -348,7 +356,7 @@ def _pairs_of_run(
             f"{path} was made by another teacher than {settings.teacher}",
             "distill into a new --out folder, or delete that file to integrate again",
         )
-    pairs, skipped = make_pairs(teacher, settings, say=say, warn=warn)
+    pairs, skipped = make_pairs(teacher, settings, say=say, warn=warn, deadline=deadline)
     pairs.info["teacher_digest"] = print_
     save_pairs(path, pairs)
     return pairs, False, skipped
@@ -360,15 +368,16 @@ def make_pairs(
     *,
     say: Callable[[str], None] = lambda message: None,
     warn: Callable[[str], None] = lambda message: None,
+    deadline: float | None = None,
 ) -> tuple[Pairs, list[dict[str, str]]]:
     """Carry the images of both folders to the other plate with the teacher's own sampler; drop lines that did
-    not land. Returns the pairs (in the field's space, on the CPU) and the unreadable files."""
+    not land. Returns the pairs (in the field's space, on the CPU) and the unreadable files. With a `deadline`
+    (`time.monotonic()`), warn early when the integration alone would eat most of the time left."""
     from efm_cli.capacitor.sampler import load_folder
 
     limits = _limits(settings)
-    parts: list[tuple[Tensor, Tensor, int]] = []
+    loaded: list[tuple[Tensor, Direction, str]] = []
     skipped: list[dict[str, str]] = []
-    dropped, counts = 0, {}
     for folder, limit, direction in ((settings.source, limits[0], "forward"), (settings.target, limits[1], "backward")):
         if folder is None or limit == 0:
             continue
@@ -376,8 +385,13 @@ def make_pairs(
         skipped += [{"path": str(p), "reason": reason} for p, reason in unreadable]
         if not len(images):
             raise DistillError(f"no readable images in {folder}", "point it at a folder of JPEG/PNG/WebP files")
+        loaded.append((images, direction, folder))
+    pace = _Pace(sum(len(images) for images, _, _ in loaded), deadline, warn)
+    parts: list[tuple[Tensor, Tensor, int]] = []
+    dropped, counts = 0, {}
+    for images, direction, folder in loaded:
         say(f"integrating {len(images)} image(s) of {folder} {direction} with the teacher's sampler")
-        start, end, landed = integrate_teacher(teacher, images, direction)
+        start, end, landed = integrate_teacher(teacher, images, direction, on_batch=pace.done)
         dropped += int((~landed).sum())
         counts[direction] = int(landed.sum())
         a, b = (start, end) if direction == "forward" else (end, start)
@@ -399,9 +413,42 @@ def make_pairs(
     return pairs, skipped
 
 
+class _Pace:
+    """Projects how long the teacher's integration takes from its first batches and warns once, early, when the
+    pairs would leave little of --max-minutes to train in: each pair costs the teacher's ~12-60 network passes,
+    which a user cannot guess before the run."""
+
+    def __init__(self, images: int, deadline: float | None, warn: Callable[[str], None]) -> None:
+        self.images, self.deadline, self.warn = images, deadline, warn
+        self.start = time.monotonic()
+        self.count = 0
+        self.warned = deadline is None
+
+    def done(self, count: int) -> None:
+        self.count += count
+        if self.warned or self.deadline is None:
+            return
+        elapsed = time.monotonic() - self.start
+        budget = self.deadline - self.start
+        needed = elapsed * self.images / self.count
+        if needed > PAIRS_WARN_SHARE * budget:
+            self.warned = True
+            self.warn(
+                f"the teacher integrates about {self.count / max(elapsed, 1e-9):.1f} image(s)/s: {self.images} "
+                f"pairs take about {needed / 60:.1f} of the {budget / 60:.1f} minutes left; pass fewer --pairs or "
+                "more --max-minutes (the pairs are saved, and --resume trains on them without integrating again)"
+            )
+
+
 @torch.inference_mode()
-def integrate_teacher(teacher: Capacitor, images: Tensor, direction: Direction) -> tuple[Tensor, Tensor, Tensor]:
-    """(start, end, landed) of images [n, C, S, S] carried by the teacher's sampler, in batches, in field space."""
+def integrate_teacher(
+    teacher: Capacitor,
+    images: Tensor,
+    direction: Direction,
+    on_batch: Callable[[int], None] = lambda count: None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(start, end, landed) of images [n, C, S, S] carried by the teacher's sampler, in batches, in field space;
+    `on_batch(n)` after each batch of n."""
     param = next(teacher.network.parameters())
     starts, ends, landed = [], [], []
     for batch in images.split(TEACHER_BATCH):
@@ -410,6 +457,7 @@ def integrate_teacher(teacher: Capacitor, images: Tensor, direction: Direction) 
         starts.append(teacher.encode(batch).float().cpu())
         ends.append(translation.solution.x.float().cpu())
         landed.append(translation.solution.landed.cpu())
+        on_batch(len(batch))
     return torch.cat(starts), torch.cat(ends), torch.cat(landed)
 
 

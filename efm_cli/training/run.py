@@ -46,12 +46,13 @@ from efm_cli.capacitor.format import (
 from efm_cli.capacitor.model import Capacitor
 from efm_cli.devices import Precision
 from efm_cli.errors import EfmError, UsageError
-from efm_cli.files import atomic_path, write_json
-from efm_cli.images import save_atomic
+from efm_cli.files import atomic_path, read_document, write_json
+from efm_cli.images import find_images, save_atomic
 from efm_cli.integrator import integrate
 from efm_cli.network import build, preset
 from efm_cli.training import checkpoint
 from efm_cli.training.data import (
+    MIRROR_LIMIT,
     NOISE,
     BatchStream,
     DataError,
@@ -64,6 +65,7 @@ from efm_cli.training.data import (
     domain_names,
     fitting_size,
     median_shorter_side,
+    mirror_asymmetry,
 )
 from efm_cli.training.step import (
     DEFAULT_CHARGES,
@@ -126,6 +128,8 @@ class RunSettings:
     """The autoencoder folder a latent run started from; the run keeps its own copy in RUN/autoencoder."""
     sizing: Sizing | None = None
     """Set when the schedule's length comes from a time budget rather than from `--steps`."""
+    mirror: dict[str, float | None] | None = None
+    """Each plate's `mirror_asymmetry` when the flip default was chosen by measuring it (no --hflip/--no-hflip)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,7 +194,7 @@ def new_settings(
     target_name: str | None = None,
     size: int | None = None,
     resize: ResizeMode = "resize",
-    hflip: bool = True,
+    hflip: bool | None = None,
     field: FieldKind = "tube",
     L: float | None = None,
     plan: Pairing = "ot",
@@ -217,7 +221,8 @@ def new_settings(
     """The settings of a new run between two folders, with efm's defaults, checked against each other.
 
     `source` may be a CycleGAN-style folder (trainA/, trainB/) when `target` is None, and either plate may be
-    `noise`. An unset size fits the images (`fitting_size`); unset L, charges and tube width S take the defaults
+    `noise`. An unset size fits the images (`fitting_size`); unset flips are on when both plates look
+    mirror-symmetric (`mirror_asymmetry` below MIRROR_LIMIT); unset L, charges and tube width S take the defaults
     of the field kind; unset plate names come from the folders. `latent` (an autoencoder folder, `efm autoencoder`
     run or Hub repo) makes a latent capacitor.
     Without `steps`, `minutes` sizes the schedule to that much wall time (`Sizing`), else it has DEFAULT_STEPS;
@@ -258,6 +263,11 @@ def new_settings(
         size = fitting_size([Path(f) for f in (source, target) if f != NOISE], SIZE_STEP * factor)
     if not size_ok(size):
         raise SettingsError(f"--size {size} is not {SIZE_RULE}", "use 32, 64, 128 or 256")
+    mirror = None
+    if hflip is None:
+        plates = {name: folder for name, folder in (("source", source), ("target", target)) if folder != NOISE}
+        mirror = {name: mirror_asymmetry(find_images(Path(folder)), resize) for name, folder in plates.items()}
+        hflip = all(value is not None and value < MIRROR_LIMIT for value in mirror.values())
     width = default_tube_width(size)
     if latent is not None:
         if size % (SIZE_STEP * factor):
@@ -320,6 +330,7 @@ def new_settings(
         sample_every=sample_every,
         latent=latent,
         sizing=sizing,
+        mirror=mirror,
     )
 
 
@@ -392,9 +403,7 @@ def write_settings(run: Path, settings: RunSettings) -> None:
 def read_settings(run: Path) -> RunSettings:
     """The settings of an existing run folder (for `--resume`)."""
     try:
-        document = json.loads((run / "config.json").read_text(encoding="utf-8"))
-        if document.get("format") != RUN_FORMAT:
-            raise ValueError(f"format is {document.get('format')!r}, not {RUN_FORMAT!r}")
+        document = read_document(run / "config.json", RUN_FORMAT)
         return RunSettings.from_json(document["settings"])
     except FileNotFoundError as error:
         raise RunError(
@@ -914,6 +923,23 @@ def _fit(
         samples=str(grids[-1]) if grids else None,
         sizing=asdict(settings.sizing) if settings.sizing is not None else None,
         ignored=[{"path": str(p), "reason": r} for data in (source_data, target_data) if data for p, r in data.skipped],
+    )
+
+
+def flips_message(settings: RunSettings) -> str | None:
+    """What the flip default decided and why; None when --hflip/--no-hflip decided."""
+    if settings.mirror is None:
+        return None
+    names = {"source": settings.source_name, "target": settings.target_name}
+    measured = ", ".join(
+        f"{names[plate]} {value:.2f}" if value is not None else f"{names[plate]} unreadable"
+        for plate, value in settings.mirror.items()
+    )
+    if settings.prep.hflip:
+        return f"random flips on: the plates look mirror-symmetric (asymmetry {measured}; --no-hflip turns them off)"
+    return (
+        f"random flips off: a mirrored picture is not like the others (asymmetry {measured}, flips need all below "
+        f"{MIRROR_LIMIT:g}; --hflip turns them on)"
     )
 
 
