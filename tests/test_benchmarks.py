@@ -1,5 +1,6 @@
 """benchmarks/gpu.py, the prepared GPU run, works end to end in its tiny CPU mode: CI has no GPU, so this is where a
-broken phase would show before a GPU machine's time is spent on it."""
+broken phase would show before a GPU machine's time is spent on it. benchmarks/bench_distill.py compares what it says
+it compares."""
 
 import json
 import math
@@ -10,7 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from conftest import TINY, climbing_capacitor, shapes
+
+from efm_cli import images
+from efm_cli.capacitor.format import new_config
 from efm_cli.capacitor.model import Capacitor
+from efm_cli.network import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +68,43 @@ def test_gpu_script_runs_every_phase_in_tiny_mode(tmp_path: Path) -> None:
 
     loaded = Capacitor.from_pretrained(out / "capacitor")
     assert (loaded.source, loaded.target) == ("horse", "zebra") and loaded.config["image"]["size"] == 16
+
+
+def test_distill_benchmark_compares_each_capacitor_with_its_own_sampler_on_the_same_images(tmp_path: Path) -> None:
+    folder = shapes(tmp_path / "squares", "square", 6, seed=0)
+    capacitors = {}
+    for name, sampler in (
+        ("teacher", {"solver": "dopri5", "rtol": 1e-3, "atol": 1e-3}),
+        ("student", {"solver": "euler", "steps": 1}),
+    ):
+        config = new_config(
+            source="square",
+            target="disc",
+            network=preset("tiny", size=TINY, L=6.0).to_dict(),
+            field={"kind": "tube", "L": 6.0, "S": 1.0},
+            size=TINY,
+            sampler=sampler,
+        )
+        capacitors[name] = capacitor = climbing_capacitor(config, seed=1, everything=True)
+        with torch.no_grad():  # lines that bend, as in test_distill: one Euler step lands elsewhere
+            capacitor.network.conv_out.bias[-1] = 20.0 / capacitor.network.z_scale
+            capacitor.network.conv_out.weight[:-1] *= 10.0
+            capacitor.network.conv_out.bias[:-1] *= 10.0
+        capacitors[name].save_pretrained(tmp_path / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, str(ROOT / "benchmarks" / "bench_distill.py"), "--teacher", str(tmp_path / "teacher")]
+    script += ["--student", str(tmp_path / "student"), "--images", str(folder), "--batch-size", "4", "--repeat", "1"]
+    done = subprocess.run(script, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+
+    inputs = torch.stack([images.to_tensor(images.load(path).rgb, TINY) for path in images.find_images(folder)])
+    with torch.inference_mode():
+        teacher = capacitors["teacher"].translate(inputs)
+        student = capacitors["student"].translate(inputs)
+    levels = ((student.images.double() - teacher.images.double()) * 127.5).square().flatten(1).mean(1).sqrt()
+    assert result["images"] == 6 and result["nfe_student"] == 1
+    assert result["nfe_teacher"] == teacher.solution.nfe.double().mean().item() > 1
+    assert math.isclose(result["endpoint_rms_mean"], levels.mean().item(), rel_tol=1e-4, abs_tol=1e-4)
+    assert levels.mean().item() > 0.02  # the two samplers land apart: the number measures something
+    assert result["speedup"] > 0 and result["student_sampler"] == {"solver": "euler", "steps": 1}
