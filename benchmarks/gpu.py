@@ -516,8 +516,10 @@ def eval_summary(report: dict[str, Any]) -> dict[str, Any]:
     """The numbers of efm eval's report that README's tables quote."""
     return {
         "target_rate": report["target_rate"],
+        "target_rate_se": report["target_rate_se"],
         "robust_target_rate": report["robust_target_rate"],
         "fd": report["fd"]["translated"],
+        "fd_se": report["fd"]["translated_se"],
         "fd_no_op": report["fd"]["no_op"],
         "fd_noise_floor": report["fd"]["noise_floor"],
         "structure_ssim": report["structure_ssim"],

@@ -34,9 +34,11 @@ def metrics(report: dict[str, Any]) -> dict[str, float]:
     fd, speed = report.get("fd") or {}, report.get("speed") or {}
     values = {
         "target_rate": report.get("target_rate"),
+        "target_rate_se": report.get("target_rate_se"),
         "robust_target_rate": report.get("robust_target_rate"),
         "classifier_accuracy": (report.get("classifier") or {}).get("accuracy"),
         "fd": fd.get("translated"),
+        "fd_se": fd.get("translated_se"),
         "fd_no_op": fd.get("no_op"),
         "fd_noise_floor": fd.get("noise_floor"),
         "structure_ssim": report.get("structure_ssim"),

@@ -21,7 +21,7 @@ REPORT = {
     "target_rate": 0.93,
     "robust_target_rate": 0.9,
     "classifier": {"accuracy": 0.99},
-    "fd": {"translated": 3.5, "no_op": 100.0, "noise_floor": 0.25},
+    "fd": {"translated": 3.5, "translated_se": 0.125, "no_op": 100.0, "noise_floor": 0.25},
     "structure_ssim": 0.7,
     "hue_difference_deg": 3.25,
     "mean_abs_change": 12.0,
@@ -52,6 +52,7 @@ def test_embedded_capacitor_is_fp16_with_metrics_card_and_picture(
     assert (folder / "model.safetensors").stat().st_size < 0.55 * full
     training = json.loads((folder / "config.json").read_text())["training"]
     assert training["metrics"]["target_rate"] == 0.93 and training["metrics"]["fd_noise_floor"] == 0.25
+    assert training["metrics"]["fd_se"] == 0.125 and "target_rate_se" not in training["metrics"]  # not in this report
     assert training["datasets"] == ["horse2zebra"]
     card = (folder / "README.md").read_text()
     assert "efm translate ./horse-images --to zebra" in card and "efm download" not in card

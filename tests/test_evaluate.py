@@ -52,6 +52,28 @@ def test_frechet_distance_matches_scipy_sqrtm() -> None:
     assert math.isnan(ev.frechet_distance(a[:1], b))
 
 
+def test_frechet_standard_error_matches_the_spread_over_fresh_draws() -> None:
+    """The bootstrap from one draw of held-out features must say how much the FD moves between independent draws."""
+    rng = np.random.default_rng(0)
+    shift, scale = np.array([0.5, 0, 0, 0]), np.array([1.5, 1, 1, 0.7])
+
+    def draw() -> tuple[np.ndarray, np.ndarray]:
+        return rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) * scale + shift
+
+    spread = np.std([ev.frechet_distance(*draw()) for _ in range(400)], ddof=1)
+    estimates = [ev.frechet_standard_error(*draw(), seed=seed) for seed in range(8)]
+    assert 0.8 < np.mean(estimates) / spread < 1.25
+    a, b = draw()
+    assert ev.frechet_standard_error(a, b, seed=3) == ev.frechet_standard_error(a, b, seed=3)  # seeded
+    assert math.isnan(ev.frechet_standard_error(a[:1], b))
+
+
+def test_rate_standard_error_is_binomial() -> None:
+    assert ev.rate_standard_error(0.9, 100) == pytest.approx(0.03)
+    assert ev.rate_standard_error(1.0, 50) == 0.0
+    assert math.isnan(ev.rate_standard_error(0.5, 0)) and math.isnan(ev.rate_standard_error(math.nan, 10))
+
+
 def test_kernel_inception_distance_matches_pairwise_sums() -> None:
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(7, 3)), rng.normal(size=(5, 3)) + 1
@@ -278,7 +300,9 @@ REPORT_KEYS = {
     "data",
     "classifier",
     "target_rate",
+    "target_rate_se",
     "robust_target_rate",
+    "robust_target_rate_se",
     "trick_test",
     "mean_abs_change",
     "fd",
@@ -307,9 +331,11 @@ def test_eval_json_report_then_cached_rerun(run_efm, bench: Path) -> None:
     assert not cls["cached"] and Path(cls["path"]).parent == bench / "cap" / clf.CACHE_FOLDER
     assert cls["accuracy"] >= 0.9  # bars are easy, whatever their colour
     assert set(report["trick_test"]["rates"]) == set(ev.TRICKS) and report["trick_test"]["trustworthy"]
-    assert set(report["fd"]) == {"features", "translated", "no_op", "noise_floor"}
-    assert report["fd"]["noise_floor"] < report["fd"]["no_op"]
+    assert set(report["fd"]) == {"features", "translated", "translated_se", "no_op", "noise_floor"}
+    assert report["fd"]["noise_floor"] < report["fd"]["no_op"] and report["fd"]["translated_se"] > 0
     assert 0 <= report["target_rate"] <= 1 and report["robust_target_rate"] <= report["target_rate"]
+    for rate in ("target_rate", "robust_target_rate"):
+        assert report[f"{rate}_se"] == pytest.approx(ev.rate_standard_error(report[rate], 50))
     assert report["mean_abs_change"] > 0 and -1 <= report["structure_ssim"] <= 1
     assert report["speed"]["nfe_mean"] == 4 and report["speed"]["device"] == "cpu" and report["speed"]["landed"] == 50
     assert report["hue_images"] == 50 and 0 <= report["hue_difference_deg"] <= 180
@@ -323,6 +349,8 @@ def test_eval_json_report_then_cached_rerun(run_efm, bench: Path) -> None:
     assert "target rate" in table.stdout and "FD noise floor" in table.stdout
     written = json.loads((bench / "reports/eval.json").read_text())  # the table on stdout, the document in the file
     assert set(written) == REPORT_KEYS and written["target_rate"] == report["target_rate"]
+    fd_line = next(line for line in table.stdout.splitlines() if "translations vs target" in line)
+    assert f"{written['fd']['translated']:.2f} ± {written['fd']['translated_se']:.2f}" in fd_line
     assert [Path(item["path"]).name for item in written["skipped"]] == ["broken.png"]
     assert os.listdir(bench / "reports") == ["eval.json"]
     assert "training" not in table.stderr and "loaded from" in table.stderr

@@ -111,6 +111,12 @@ def _number(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _plus_minus(value: float | None, error: float | None, digits: int) -> str:
+    """`value ± error`, or the value alone where the error is unknown."""
+    shown = _number(value, digits)
+    return shown if shown == "-" or _number(error, digits) == "-" else f"{shown} ± {_number(error, digits)}"
+
+
 def _print_table(report: dict[str, Any]) -> None:
     """One table: metric, value, and what the value is measured against."""
     from rich.table import Table
@@ -135,15 +141,27 @@ def _print_table(report: dict[str, Any]) -> None:
         trust = f"UNTRUSTWORTHY: fooled by {', '.join(tricks['fooled_by'])}"
     rows = [
         ("classifier accuracy", _number(cls["accuracy"]), "held-out, mean of both domains"),
-        ("target rate", _number(report["target_rate"]), f"translations called {target!r}; {trust}"),
-        ("robust target rate", _number(report["robust_target_rate"]), "called so untouched and under every trick"),
+        (
+            "target rate",
+            _plus_minus(report["target_rate"], report["target_rate_se"], 3),
+            f"translations called {target!r}, ± one standard error; {trust}",
+        ),
+        (
+            "robust target rate",
+            _plus_minus(report["robust_target_rate"], report["robust_target_rate_se"], 3),
+            "called so untouched and under every trick",
+        ),
         ("source target rate", _number(tricks["source_rate"]), "untouched source images (no translation)"),
         *(
             (f"  trick: {name}", _number(rate), "source images after the trick; must stay within +0.10")
             for name, rate in tricks["rates"].items()
         ),
         ("mean abs change", _number(report["mean_abs_change"], 1), "per pixel and channel, levels of 255"),
-        ("FD", _number(fd["translated"], 2), "translations vs target, classifier features"),
+        (
+            "FD",
+            _plus_minus(fd["translated"], fd["translated_se"], 2),
+            "translations vs target, classifier features; ± bootstrap standard error",
+        ),
         ("FD no-op", _number(fd["no_op"], 2), "source vs target"),
         ("FD noise floor", _number(fd["noise_floor"], 2), "target train vs target test"),
         ("structure (SSIM)", _number(report["structure_ssim"]), "luminance of input vs output at 64×64"),
