@@ -24,6 +24,8 @@ from efm_cli.files import atomic_path
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 """Lower-case file suffixes `find_images` picks up; matching is case-insensitive."""
 
+LUMA = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 weights: the grey a person sees in an RGB colour."""
 OUTPUT_MARKER = ".efm-output"
 """Hidden file that marks a folder of `efm translate` outputs; `find_images` does not enter such folders."""
 

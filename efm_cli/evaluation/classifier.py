@@ -28,14 +28,12 @@ from torch import Tensor, nn
 
 from efm_cli.errors import EfmError
 from efm_cli.files import atomic_path, write_json
+from efm_cli.images import LUMA
 
 FORMAT = "efm-domain-classifier"
 FORMAT_VERSION = 1
 CACHE_FOLDER = ".eval-cache"
 """Hidden folder beside a capacitor's config.json; hidden so image scans and uploads pass it by."""
-
-LUMA = (0.299, 0.587, 0.114)
-"""ITU-R BT.601 weights: the grey a person sees in an RGB colour."""
 
 
 class ClassifierError(EfmError):

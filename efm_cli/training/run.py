@@ -936,10 +936,13 @@ def flips_message(settings: RunSettings) -> str | None:
         for plate, value in settings.mirror.items()
     )
     if settings.prep.hflip:
-        return f"random flips on: the plates look mirror-symmetric (asymmetry {measured}; --no-hflip turns them off)"
+        return (
+            f"random flips on: mirrored pictures look like the others (share farther once mirrored: {measured}; "
+            "--no-hflip turns them off)"
+        )
     return (
-        f"random flips off: a mirrored picture is not like the others (asymmetry {measured}, flips need all below "
-        f"{MIRROR_LIMIT:g}; --hflip turns them on)"
+        f"random flips off: a mirrored picture is not like the others (share farther once mirrored: {measured}, "
+        f"flips need all below {MIRROR_LIMIT:g}; --hflip turns them on)"
     )
 
 
