@@ -44,6 +44,7 @@ from efm_cli.errors import EfmError, UsageError
 from efm_cli.files import atomic_path, remove_stale_temporaries
 from efm_cli.images import (
     IMAGE_SUFFIXES,
+    LUMA,
     OUTPUT_MARKER,
     ImageError,
     Loaded,
@@ -58,7 +59,7 @@ from efm_cli.integrator import Status
 RecordStatus = Literal["translated", "existing", "skipped", "failed"]
 
 _MAGIC = frozenset("*?[")
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_LUMA = np.array(LUMA, dtype=np.float32)
 DETAIL_RADIUS = 2
 """Half-width, in model pixels, of the window over which the local gain of the translation is estimated."""
 DETAIL_EPS = (5 / 127.5) ** 2

@@ -142,9 +142,9 @@ def test_mirror_asymmetry_tells_one_handed_pictures_from_symmetric_ones_whatever
     # Noise is symmetric in distribution: a mirrored picture is as likely to be the closer one, whatever the sample.
     assert sampled is not None and abs(sampled - 0.5) < 0.1 and sampled < MIRROR_LIMIT
     mixed = tmp_path / "mixed"  # half turned upside down: a nearly symmetric mean picture, one-handed pictures
+    mixed.mkdir()
     for i, path in enumerate(find_images(glyphs(tmp_path / "l2", 60, seed=4))):
         picture = np.asarray(Image.open(path))
-        mixed.mkdir(exist_ok=True)
         Image.fromarray(np.ascontiguousarray(picture[::-1, ::-1] if i % 2 else picture)).save(mixed / path.name)
     assert (mirror_asymmetry(find_images(mixed)) or 0.0) > MIRROR_LIMIT
     assert mirror_asymmetry([tmp_path / "missing.png"]) is None

@@ -113,8 +113,8 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 def _plus_minus(value: float | None, error: float | None, digits: int) -> str:
     """`value ± error`, or the value alone where the error is unknown."""
-    shown = _number(value, digits)
-    return shown if shown == "-" or _number(error, digits) == "-" else f"{shown} ± {_number(error, digits)}"
+    shown, spread = _number(value, digits), _number(error, digits)
+    return shown if "-" in (shown, spread) else f"{shown} ± {spread}"
 
 
 def _print_table(report: dict[str, Any]) -> None:

@@ -544,11 +544,13 @@ def report(
     floor_files = subset(files.train_target, len(sources), seed + 2)
     floor_targets = load_images(floor_files, size, mode, skipped)
 
-    def fd(a: Tensor, b: Tensor) -> float:
-        return frechet_distance(clf.features(trained.model, a).numpy(), clf.features(trained.model, b).numpy())
+    def features(images: Tensor) -> np.ndarray:
+        return clf.features(trained.model, images).numpy()
 
-    translated_features = clf.features(trained.model, translated).numpy()
-    target_features = clf.features(trained.model, targets).numpy()
+    def fd(a: Tensor, b: Tensor) -> float:
+        return frechet_distance(features(a), features(b))
+
+    translated_features, target_features = features(translated), features(targets)  # once for all three FDs
     target_rate = _rate(judge(translated))
     robust_rate = _rate(robust_target(judge, translated, seed))
 
@@ -605,8 +607,8 @@ def report(
             "features": "classifier",
             "translated": frechet_distance(translated_features, target_features),
             "translated_se": frechet_standard_error(translated_features, target_features, seed=seed),
-            "no_op": fd(sources, targets),
-            "noise_floor": fd(floor_targets, targets),
+            "no_op": frechet_distance(features(sources), target_features),
+            "noise_floor": frechet_distance(features(floor_targets), target_features),
         },
         "structure_ssim": float(structure(sources, translated).mean()),
         "hue_difference_deg": hue_error,

@@ -23,7 +23,7 @@ from efm_cli import __version__, devices
 from efm_cli.autoencoder import Autoencoder
 from efm_cli.errors import UsageError
 from efm_cli.files import write_json
-from efm_cli.images import find_images, load, save_atomic, to_tensor
+from efm_cli.images import LUMA, find_images, load, save_atomic, to_tensor
 from efm_cli.training import checkpoint
 from efm_cli.training.data import BatchStream, Preprocessing, batches
 from efm_cli.training.run import Budget, Progress, RunError, StopOnSignal, grid, open_folder
@@ -114,7 +114,7 @@ def reconstruction_loss(images: Tensor, reconstructed: Tensor, gradient_weight: 
 
 def _gradient_energy(images: Tensor) -> Tensor:
     """Mean absolute horizontal and vertical difference of each image's luminance, [b]."""
-    luma = (images * torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype)[None, :, None, None]).sum(1)
+    luma = (images * torch.tensor(LUMA, dtype=images.dtype)[None, :, None, None]).sum(1)
     return luma.diff(dim=-1).abs().mean(dim=(1, 2)) + luma.diff(dim=-2).abs().mean(dim=(1, 2))
 
 
