@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import bars, climbing_capacitor
+from conftest import bars, climbing_capacitor, one_error_line
 from PIL import Image
 from scipy.linalg import sqrtm
 
@@ -66,6 +66,47 @@ def test_frechet_standard_error_matches_the_spread_over_fresh_draws() -> None:
     a, b = draw()
     assert ev.frechet_standard_error(a, b, seed=3) == ev.frechet_standard_error(a, b, seed=3)  # seeded
     assert math.isnan(ev.frechet_standard_error(a[:1], b))
+
+
+def test_paired_frechet_difference_error_matches_the_spread_over_fresh_draws() -> None:
+    """Two translations of the same sources, compared against the same targets: the paired bootstrap must say how
+    much their FD difference moves between independent draws of sources and targets, and be far below the cautious
+    √(se₁² + se₂²) that two separate reports give, since most of each FD's noise is the shared draw."""
+    rng = np.random.default_rng(1)
+    shift, scale = np.array([0.5, 0, 0, 0]), np.array([1.5, 1, 1, 0.7])
+
+    def draw() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sources = rng.normal(size=(200, 4))
+        first = sources * scale + 0.2 + 0.1 * rng.normal(size=(200, 4))  # a good translation
+        second = sources * scale + 0.4 + 0.1 * rng.normal(size=(200, 4))  # the same, a little more off
+        return first, second, rng.normal(size=(200, 4)) * scale + shift
+
+    def difference(first: np.ndarray, second: np.ndarray, target: np.ndarray) -> float:
+        return ev.frechet_distance(first, target) - ev.frechet_distance(second, target)
+
+    spread = np.std([difference(*draw()) for _ in range(400)], ddof=1)
+    estimates = [ev.frechet_difference_standard_error(*draw(), seed=seed) for seed in range(8)]
+    assert 0.75 < np.mean(estimates) / spread < 1.33
+    first, second, target = draw()
+    unpaired = math.hypot(ev.frechet_standard_error(first, target), ev.frechet_standard_error(second, target))
+    assert ev.frechet_difference_standard_error(first, second, target) < 0.5 * unpaired
+    assert ev.frechet_difference_standard_error(first, first, target) == 0.0
+    with pytest.raises(ValueError, match="same rows"):
+        ev.frechet_difference_standard_error(first, second[:-1], target)
+
+
+def test_paired_rate_error_counts_only_the_images_the_two_judge_differently() -> None:
+    first = torch.tensor([True, True, False, False])
+    second = torch.tensor([True, False, False, False])
+    # differences 0, 1, 0, 0: sample standard deviation 0.5, over √4
+    assert ev.paired_rate_standard_error(first, second) == pytest.approx(0.25)
+    assert ev.paired_rate_standard_error(first, first) == 0.0
+    assert math.isnan(ev.paired_rate_standard_error(first[:1], second[:1]))
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.rand(10_000, generator=gen) < 0.8
+    flipped = shared ^ (torch.rand(10_000, generator=gen) < 0.05)
+    # 5 % of the verdicts differ, in either direction: the paired error is √0.05/√n, not the unpaired √(2·0.16/n)
+    assert ev.paired_rate_standard_error(shared, flipped) == pytest.approx((0.05 / 10_000) ** 0.5, rel=0.05)
 
 
 def test_rate_standard_error_is_binomial() -> None:
@@ -310,6 +351,7 @@ REPORT_KEYS = {
     "hue_difference_deg",
     "hue_images",
     "speed",
+    "against",
     "inception",
     "skipped",
     "meaningful",
@@ -355,6 +397,48 @@ def test_eval_json_report_then_cached_rerun(run_efm, bench: Path) -> None:
     assert os.listdir(bench / "reports") == ["eval.json"]
     assert "training" not in table.stderr and "loaded from" in table.stderr
     assert "broken.png" in table.stderr
+
+
+def test_against_a_second_capacitor_reports_both_and_their_paired_differences(
+    run_efm, bench: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    config = json.loads((bench / "cap" / "config.json").read_text())
+    climbing_capacitor(config, seed=5).save_pretrained(other)
+    args = ["eval", "--model", str(bench / "cap"), "--source", str(bench / "test/a"), "--target", str(bench / "test/b")]
+    args += ["--train-source", str(bench / "train/a"), "--train-target", str(bench / "train/b")]
+    env = {**ONE_THREAD, "EFM_CACHE": str(tmp_path / "efm-cache")}
+    result = run_efm(*args, "--against", str(other), "--json", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    against, difference = report["against"], report["against"]["difference"]
+    assert against["model"]["ref"] == str(other) and against["speed"]["landed"] == 50
+    assert difference["target_rate"] == pytest.approx(report["target_rate"] - against["target_rate"])
+    assert difference["fd"] == pytest.approx(report["fd"]["translated"] - against["fd"])
+    assert against["fd"] != report["fd"]["translated"] and difference["fd_se"] > 0
+
+    # Against itself: every difference is exactly zero, and so is its paired error (the unpaired ones are not).
+    same = run_efm(*args, "--against", str(bench / "cap"), env=env, timeout=300)
+    assert same.returncode == 0, same.stderr
+    lines = same.stdout.splitlines()
+    assert "+0.000 ± 0.000" in next(line for line in lines if "difference: target rate" in line)
+    assert "+0.00 ± 0.00" in next(line for line in lines if "difference: FD" in line)
+    fd_row = next(line for line in lines if line.lstrip("│ ").startswith("FD ") and "±" in line)
+    assert "± 0.00 " not in fd_row
+
+    wrong = tmp_path / "wrong"
+    wrong_config = new_config(
+        source="vertical",
+        target="horizontal",
+        network=preset("tiny", size=32, L=6.0).to_dict(),
+        field={"kind": "tube", "L": 6.0, "S": 1.0},
+        size=32,
+        sampler={"solver": "euler", "steps": 4},
+    )
+    climbing_capacitor(wrong_config).save_pretrained(wrong)
+    refused = run_efm(*args, "--against", str(wrong), env=env, timeout=300)
+    assert refused.returncode == 1
+    assert "a paired report needs both to translate the same pictures" in one_error_line(refused.stderr)
 
 
 def test_without_train_folders_each_folder_is_split_in_half(

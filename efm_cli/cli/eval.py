@@ -47,6 +47,14 @@ def eval_command(
         Features,
         typer.Option(help="Also report Inception FID/KID (needs torchvision's weights on this machine)."),
     ] = Features.classifier,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            callback=model_reference,
+            help="A second capacitor to translate the same images: the report adds its numbers and the differences "
+            "(--model minus it) with paired standard errors.",
+        ),
+    ] = None,
     report_path: Annotated[
         Path | None,
         typer.Option(
@@ -69,6 +77,7 @@ def eval_command(
     efm eval -m cap --source d/test/two --target d/test/three --train-source d/train/two --train-target d/train/three
     efm eval -m runs/h2z/model --source h2z/testA --target h2z/testB --limit 100 --json
     efm eval -m runs/h2z/model --source h2z/testA --target h2z/testB --report runs/h2z/eval.json
+    efm eval -m runs/h2z-distilled/model --against horse2zebra --source h2z/testA --target h2z/testB
     """
     console.set_quiet(quiet)
     if (train_source is None) != (train_target is None):
@@ -87,6 +96,7 @@ def eval_command(
         device=device,
         seed=seed,
         features=features.value,
+        against=against,
         say=console.info,
     )
     for item in report["classifier"]["skipped"]:
@@ -115,6 +125,41 @@ def _plus_minus(value: float | None, error: float | None, digits: int) -> str:
     """`value ± error`, or the value alone where the error is unknown."""
     shown, spread = _number(value, digits), _number(error, digits)
     return shown if "-" in (shown, spread) else f"{shown} ± {spread}"
+
+
+def _signed(value: float | None, error: float | None, digits: int) -> str:
+    """`+value ± error` for a difference, whose sign is the point."""
+    shown = _plus_minus(value, error, digits)
+    return shown if shown == "-" or shown.startswith("-") else "+" + shown
+
+
+def _against_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The second capacitor's headline numbers and the paired differences, for the table."""
+    other = report["against"]
+    if other is None:
+        return []
+    difference, ref = other["difference"], other["model"]["ref"]
+    return [
+        (f"against {ref}", "", "the same images, classifier and targets"),
+        ("  target rate", _plus_minus(other["target_rate"], other["target_rate_se"], 3), ""),
+        ("  robust target rate", _plus_minus(other["robust_target_rate"], other["robust_target_rate_se"], 3), ""),
+        ("  FD", _plus_minus(other["fd"], other["fd_se"], 2), ""),
+        ("  structure (SSIM)", _number(other["structure_ssim"]), ""),
+        ("  hue difference", _number(other["hue_difference_deg"], 1), ""),
+        ("  NFE", _number(other["speed"]["nfe_mean"], 1), f"{other['speed']['landed']} landed"),
+        ("  images/s", _number(other["speed"]["images_per_second"], 2), ""),
+        (
+            "difference: target rate",
+            _signed(difference["target_rate"], difference["target_rate_se"], 3),
+            f"--model minus {ref}, ± paired standard error (the same images)",
+        ),
+        (
+            "difference: robust",
+            _signed(difference["robust_target_rate"], difference["robust_target_rate_se"], 3),
+            "",
+        ),
+        ("difference: FD", _signed(difference["fd"], difference["fd_se"], 2), "paired bootstrap standard error"),
+    ]
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -178,6 +223,7 @@ def _print_table(report: dict[str, Any]) -> None:
             ("autoencoder: FD", _number(ceiling["fd"], 2), "real targets after encode, decode vs as they are"),
             ("autoencoder: SSIM", _number(ceiling["ssim"]), "real targets vs their reconstructions"),
         ]
+    rows += _against_rows(report)
     if report["inception"] is not None:
         for metric, values in report["inception"].items():
             for name, value in values.items():

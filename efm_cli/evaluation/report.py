@@ -16,7 +16,10 @@ The report translates a held-out source folder and measures the result against a
   reports can be called different only when they are;
 - structure: SSIM of the luminance of each input and its translation at 64×64;
 - colour preservation: the difference between the dominant hue of each input and of its translation;
-- speed: mean number of field evaluations (NFE) per image, images per second, device.
+- speed: mean number of field evaluations (NFE) per image, images per second, device;
+- with `against`, a second capacitor translating the same images, judged by the same classifier, and the
+  differences between the two with paired standard errors: both see the same held-out images, so the noise of
+  that draw, which dominates each report's own error, cancels in the difference.
 
 Metrics are plain functions of image batches ([b, 3, H, W] in [−1, 1]), so they are tested on their own;
 `report` ties them to folders, a capacitor and a classifier.
@@ -185,8 +188,8 @@ def frechet_standard_error(a: np.ndarray, b: np.ndarray, reps: int = BOOTSTRAP_R
     """Bootstrap standard error of `frechet_distance(a, b)`: both feature sets are resampled with replacement, as a
     new draw of held-out images would change both, and the spread of the resampled distances is the error.
 
-    Two reports on the same held-out images share the target half of this noise, so comparing them with
-    √(se₁² + se₂²) errs on the cautious side.
+    Two reports on the same held-out images share this noise, so comparing them with √(se₁² + se₂²) errs on the
+    cautious side; `frechet_difference_standard_error` (`efm eval --against`) pairs them instead.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 2 or len(b) < 2 or reps < 2:
@@ -196,6 +199,35 @@ def frechet_standard_error(a: np.ndarray, b: np.ndarray, reps: int = BOOTSTRAP_R
         frechet_distance(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))]) for _ in range(reps)
     ]
     return float(np.std(draws, ddof=1))
+
+
+def frechet_difference_standard_error(
+    a: np.ndarray, b: np.ndarray, target: np.ndarray, reps: int = BOOTSTRAP_REPS, seed: int = 0
+) -> float:
+    """Bootstrap standard error of FD(a, target) − FD(b, target), where row i of `a` and of `b` come from the same
+    source image: each resample draws one set of rows for both and one of the targets, so what the two distances
+    owe to the draw of held-out images cancels, as it does in the difference itself."""
+    a, b, target = (np.asarray(x, dtype=np.float64) for x in (a, b, target))
+    if len(a) != len(b):
+        raise ValueError(f"paired features need the same rows: {len(a)} and {len(b)}")
+    if len(a) < 2 or len(target) < 2 or reps < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(reps):
+        rows, others = rng.integers(0, len(a), len(a)), rng.integers(0, len(target), len(target))
+        draws.append(frechet_distance(a[rows], target[others]) - frechet_distance(b[rows], target[others]))
+    return float(np.std(draws, ddof=1))
+
+
+def paired_rate_standard_error(first: Tensor, second: Tensor) -> float:
+    """Standard error of the difference of two rates judged on the same images (bool [n] each): the spread of the
+    per-image differences over √n, so images both get right or both get wrong add no noise."""
+    if len(first) != len(second):
+        raise ValueError(f"paired verdicts need the same images: {len(first)} and {len(second)}")
+    if len(first) < 2:
+        return math.nan
+    return float((first.double() - second.double()).std() / math.sqrt(len(first)))
 
 
 def rate_standard_error(rate: float, count: int) -> float:
@@ -464,6 +496,61 @@ def _round_trip(
     }
 
 
+@dataclass
+class Translations:
+    """One capacitor's translations of the held-out sources, with what they cost."""
+
+    images: Tensor
+    nfe: Tensor
+    landed: int
+    seconds: float
+    device: torch.device
+
+    def speed(self) -> dict[str, Any]:
+        return {
+            "nfe_mean": float(self.nfe.double().mean()),
+            "images_per_second": len(self.images) / self.seconds if self.seconds > 0 else math.nan,
+            "seconds": self.seconds,
+            "device": str(self.device),
+            "landed": self.landed,
+        }
+
+
+def translate_all(capacitor: Capacitor, sources: Tensor, batch_size: int, where: torch.device) -> Translations:
+    """Translate `sources` forward in batches, timed (synchronised on CUDA so the time is the work's)."""
+    outputs, nfe, landed = [], [], 0
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)
+    started = time.perf_counter()
+    for start in range(0, len(sources), batch_size):
+        result = capacitor.translate(sources[start : start + batch_size], direction="forward")
+        outputs.append(result.images.float().cpu())
+        nfe.append(result.solution.nfe.cpu())
+        landed += int(result.solution.landed.sum())
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)
+    return Translations(torch.cat(outputs), torch.cat(nfe), landed, time.perf_counter() - started, where)
+
+
+def _open_against(against: str, capacitor: Capacitor, model: str, where: torch.device) -> tuple[Path, Capacitor]:
+    """The second capacitor of a paired report; it must see the pictures as the first does, or the pairing breaks."""
+    folder = registry.resolve(against)
+    other = Capacitor.from_pretrained(folder, device=where)
+
+    def seen(c: Capacitor) -> tuple[int, int, str]:
+        image = c.config["image"]
+        return image["size"], image["channels"], c.config.get("preprocessing", {}).get("resize", "resize")
+
+    if seen(other) != seen(capacitor):
+        (size, channels, mode), (other_size, other_channels, other_mode) = seen(capacitor), seen(other)
+        raise EvalError(
+            f"{against} sees {other_size}×{other_size}×{other_channels} pictures ({other_mode}), {model} "
+            f"{size}×{size}×{channels} ({mode}): a paired report needs both to translate the same pictures",
+            "compare capacitors trained at the same --size and --resize",
+        )
+    return folder, other
+
+
 def report(
     model: str,
     source: Path,
@@ -476,9 +563,11 @@ def report(
     device: str = "auto",
     seed: int = 0,
     features: FeatureKind = "classifier",
+    against: str | None = None,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """The full quality report of capacitor `model` translating `source` towards `target`, as a JSON-ready dict."""
+    """The full quality report of capacitor `model` translating `source` towards `target`, as a JSON-ready dict;
+    with `against`, also that capacitor on the same images and the paired differences (`model` minus it)."""
     where = devices.choose(device)
     network = inception_network(where) if features == "inception" else None  # fail before any training
     folder = registry.resolve(model)
@@ -489,6 +578,7 @@ def report(
     mode = capacitor.config.get("preprocessing", {}).get("resize", "resize")
     if mode not in ("resize", "crop"):
         raise EvalError(f"{folder}: unknown preprocessing resize mode {mode!r}", "expected 'resize' or 'crop'")
+    other = _open_against(against, capacitor, model, where) if against is not None else None
     files = assign_roles(source, target, train_source, train_target, limit, seed)
     if files.split == "halves":
         say(
@@ -521,19 +611,8 @@ def report(
     accuracy_source, accuracy_target = 1 - _rate(judge(sources)), _rate(judge(targets))
 
     say(f"translating {len(sources)} images to {capacitor.target!r} on {where}…")
-    outputs, nfe, landed = [], [], 0
-    if where.type == "cuda":
-        torch.cuda.synchronize(where)
-    started = time.perf_counter()
-    for start in range(0, len(sources), batch_size):
-        result = capacitor.translate(sources[start : start + batch_size], direction="forward")
-        outputs.append(result.images.float().cpu())
-        nfe.append(result.solution.nfe.cpu())
-        landed += int(result.solution.landed.sum())
-    if where.type == "cuda":
-        torch.cuda.synchronize(where)
-    seconds = time.perf_counter() - started
-    translated = torch.cat(outputs)
+    ours = translate_all(capacitor, sources, batch_size, where)
+    translated = ours.images
 
     tricks = trick_test(judge, sources, seed)
     reasons = meaningless_because(
@@ -551,8 +630,8 @@ def report(
         return frechet_distance(features(a), features(b))
 
     translated_features, target_features = features(translated), features(targets)  # once for all three FDs
-    target_rate = _rate(judge(translated))
-    robust_rate = _rate(robust_target(judge, translated, seed))
+    verdicts, robust_verdicts = judge(translated), robust_target(judge, translated, seed)
+    target_rate, robust_rate = _rate(verdicts), _rate(robust_verdicts)
 
     result: dict[str, Any] = {
         "autoencoder": (
@@ -613,16 +692,42 @@ def report(
         "structure_ssim": float(structure(sources, translated).mean()),
         "hue_difference_deg": hue_error,
         "hue_images": hue_count,
-        "speed": {
-            "nfe_mean": float(torch.cat(nfe).double().mean()),
-            "images_per_second": len(sources) / seconds if seconds > 0 else math.nan,
-            "seconds": seconds,
-            "device": str(where),
-            "landed": landed,
-        },
+        "speed": ours.speed(),
+        "against": None,
         "inception": None,
         "skipped": [{"path": str(path), "reason": reason} for path, reason in skipped.files],
     }
+    if other is not None:
+        other_folder, other_capacitor = other
+        say(f"translating the same {len(sources)} images with {against}…")
+        theirs = translate_all(other_capacitor, sources, batch_size, where)
+        their_verdicts = judge(theirs.images)
+        their_robust = robust_target(judge, theirs.images, seed)
+        their_features = features(theirs.images)
+        their_fd = frechet_distance(their_features, target_features)
+        result["against"] = {
+            "model": {"ref": against, "path": str(other_folder)},
+            "target_rate": _rate(their_verdicts),
+            "target_rate_se": rate_standard_error(_rate(their_verdicts), len(theirs.images)),
+            "robust_target_rate": _rate(their_robust),
+            "robust_target_rate_se": rate_standard_error(_rate(their_robust), len(theirs.images)),
+            "fd": their_fd,
+            "fd_se": frechet_standard_error(their_features, target_features, seed=seed),
+            "mean_abs_change": mean_abs_change(sources, theirs.images),
+            "structure_ssim": float(structure(sources, theirs.images).mean()),
+            "hue_difference_deg": _nan_mean(hue_difference(sources, theirs.images))[0],
+            "speed": theirs.speed(),
+            "difference": {
+                "target_rate": target_rate - _rate(their_verdicts),
+                "target_rate_se": paired_rate_standard_error(verdicts, their_verdicts),
+                "robust_target_rate": robust_rate - _rate(their_robust),
+                "robust_target_rate_se": paired_rate_standard_error(robust_verdicts, their_robust),
+                "fd": result["fd"]["translated"] - their_fd,
+                "fd_se": frechet_difference_standard_error(
+                    translated_features, their_features, target_features, seed=seed
+                ),
+            },
+        }
     if network is not None:
         say("computing Inception features…")
         real_targets = inception_features(network, targets).numpy()
