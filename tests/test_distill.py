@@ -269,3 +269,57 @@ def test_pairs_that_eat_the_minutes_are_warned_about_early_kept_and_trained_on_b
     monkeypatch.setattr(dist, "integrate_teacher", real)
     again = dist.distill(settings(data, steps=3, minutes=None), run, resume=True)
     assert again.reused_pairs and again.step == 3 and (run / "model" / CONFIG_NAME).is_file()
+
+
+def test_euler_heights_train_the_student_only_where_euler_with_one_two_or_four_steps_evaluates_it() -> None:
+    """With heights="euler" every training point sits at 0, 1/4, 1/2, 3/4 or 1 of the way between the plates (the
+    nodes of Euler with 1, 2 or 4 steps up or down), all five are drawn, and uniform heights are not so limited."""
+    capacitor = teacher()
+    field_config = capacitor.config["field"]
+    spec = dist.FieldSpec(kind="tube", L=float(field_config["L"]), eps=float(field_config.get("eps", 1e-3)))
+    schedule = dist.Schedule(lr=1e-4, warmup=0, decay="cosine", total=10, ema=0.9)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(8, 3, TINY, TINY, generator=gen) * 2 - 1 for _ in range(2))
+    z0, z1 = spec.eps, spec.L - spec.eps
+    seen: dict[str, list[torch.Tensor]] = {"uniform": [], "euler": []}
+    for heights, heights_seen in seen.items():
+        network = copy.deepcopy(capacitor.network)
+        original = network.forward
+
+        def recording(z: torch.Tensor, x: torch.Tensor, into: list = heights_seen, run=original) -> object:
+            into.append(((z - z0) / (z1 - z0)).detach())
+            return run(z, x)
+
+        network.forward = recording
+        trainer = dist._Reflow(network, spec, schedule, batch=64, seed=0, heights=heights)
+        for _ in range(3):
+            trainer.step_on(a, b)
+    fractions = torch.cat(seen["euler"]).double()
+    nodes = torch.tensor(dist.EULER_NODES, dtype=torch.float64)
+    assert dist.EULER_NODES == (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert (fractions[:, None] - nodes).abs().min(dim=1).values.max() < 1e-5
+    assert len({round(float(f), 4) for f in fractions}) == 5
+    uniform = torch.cat(seen["uniform"]).double()
+    assert (uniform[:, None] - nodes).abs().min(dim=1).values.max() > 0.01
+    with pytest.raises(dist.UsageError, match="--heights"):
+        dist.DistillSettings(teacher="x", source="y", heights="middle")
+    assert dist.DistillSettings.from_json({"teacher": "x", "source": "y"}).heights == "uniform"  # runs made before
+
+
+def test_the_student_trains_without_the_teachers_dropout_unless_asked_and_its_config_says_so(tmp_path: Path) -> None:
+    config = teacher().config
+    config["network"] = {**config["network"], "dropout": 0.2}
+    dropping = climbing_capacitor(config, seed=1)
+    rates = {}
+    for dropout in (0.0, None, 0.5):
+        run = tmp_path / str(dropout)
+        choice = dist.DistillSettings(teacher="t", source="s", steps=1, dropout=dropout)
+        trainer, _ = dist._student(dropping, choice, run, torch.device("cpu"), resume=False)
+        rates[dropout] = {m.p for m in trainer.network.modules() if isinstance(m, torch.nn.Dropout)}
+        exported = dist.distilled_config(dropping, choice, 1, [], 1, 1, 1)
+        assert exported["network"]["dropout"] == (0.2 if dropout is None else dropout)
+    assert rates == {0.0: {0.0}, None: {0.2}, 0.5: {0.5}}
+    assert {m.p for m in dropping.network.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}  # teacher untouched
+    assert dist.DistillSettings.from_json({"teacher": "x", "source": "y"}).dropout is None  # runs made before
+    with pytest.raises(dist.UsageError, match="dropout"):
+        dist.DistillSettings(teacher="x", source="y", dropout=1.0)

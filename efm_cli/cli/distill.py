@@ -13,7 +13,7 @@ import typer
 
 from efm_cli.cli import console
 from efm_cli.cli.console import ExitCode
-from efm_cli.cli.options import JsonOption, QuietOption, device_option, model_reference
+from efm_cli.cli.options import JsonOption, QuietOption, choices, device_option, model_reference
 from efm_cli.errors import EfmError, UsageError
 
 if TYPE_CHECKING:
@@ -25,6 +25,10 @@ RESUMABLE = {"resume", "steps", "max_minutes", "nfe", "device", "json_output", "
 _DATA = "Data"
 _OPT = "Optimisation"
 _RUN = "Run"
+
+
+HeightsChoice = choices("HeightsChoice", ("euler", "uniform"))
+"""`efm_cli.training.distill.HEIGHTS`, spelled out so that the command's help does not import torch."""
 
 
 def _nfe(value: int | None) -> int | None:
@@ -86,6 +90,14 @@ def distill_command(
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (Adam).", rich_help_panel=_OPT)] = 1e-4,
     batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Pairs per step.", rich_help_panel=_OPT)] = 16,
     seed: Annotated[int, typer.Option(min=0, help="Seed of everything random.", rich_help_panel=_OPT)] = 0,
+    heights: Annotated[
+        HeightsChoice,
+        typer.Option(
+            help="Train the student only where Euler with 1, 2 or 4 steps evaluates it (euler), or at every "
+            "height of each line (uniform).",
+            rich_help_panel=_OPT,
+        ),
+    ] = HeightsChoice.euler,
     nfe: Annotated[
         int | None,
         typer.Option(
@@ -161,6 +173,7 @@ def distill_command(
             batch_size=batch_size,
             nfe=nfe,
             seed=seed,
+            heights=heights.value,
         )
         run = out if out is not None else Path("runs") / f"{_model_name(model)}-distilled"
         if run.exists() and (not run.is_dir() or any(run.iterdir())):

@@ -2,8 +2,9 @@
 
 A trained capacitor's lines bend, so it needs 12–60 field evaluations (NFE) per image. Distillation pairs images
 with where the teacher's own sampler carries them, then trains a copy of the teacher's network (the student) so
-that its field points straight from each pair's start to its end. Along a straight line Euler's method is exact, so
-the student translates with 1, 2 or 4 Euler steps (README, "Few-step translation").
+that its field points straight from each pair's start to its end, at the heights where Euler with 1, 2 or 4 steps
+evaluates it. Along a straight line Euler's method is exact, so the student translates with 1, 2 or 4 Euler steps
+(README, "Few-step translation").
 
 The run folder:
 
@@ -67,6 +68,15 @@ PAIRS_WARN_SHARE = 0.5
 """Warn when making the pairs is projected to take more than this share of --max-minutes."""
 FORWARD, BACKWARD = 0, 1
 """How a pair was made: a source image carried forward, or a target image carried backward."""
+HEIGHTS = ("euler", "uniform")
+"""Where on each straight line the student is trained: only where Euler with 1, 2 or 4 steps evaluates it, in
+either direction (the field elsewhere is never used by the exported sampler, and a network trained at every height
+spends most of its fit there), or at every height, as reflow usually does."""
+EULER_NODES = tuple(
+    sorted({i / k for k in DISTILLED_NFE for i in range(k)} | {1 - i / k for k in DISTILLED_NFE for i in range(k)})
+)
+"""The fractions of the way between the plates at which an Euler sampler with k in DISTILLED_NFE steps evaluates the
+field, going up (i/k) or down (1 − i/k): 0, 1/4, 1/2, 3/4 and 1."""
 
 
 class DistillError(EfmError):
@@ -97,12 +107,22 @@ class DistillSettings:
     nfe: int | None = None
     """Euler steps of the exported sampler (1, 2 or 4); None: chosen by the held-out errors."""
     seed: int = 0
+    heights: str = "euler"
+    """Where the student is trained on each line: one of HEIGHTS."""
+    dropout: float | None = 0.0
+    """Dropout of the student's network while it trains; None: the teacher's. The teacher's dropout regularised a
+    regression onto noisy minibatch fields; the student fits fixed pairs, and on the digits it fits them better
+    without (README, "Few-step translation")."""
 
     def __post_init__(self) -> None:
         if self.source is None and self.target is None:
             raise UsageError("distillation needs images: give --source, --target or both")
         if self.nfe is not None and self.nfe not in DISTILLED_NFE:
             raise UsageError(f"--nfe must be one of {', '.join(map(str, DISTILLED_NFE))}, got {self.nfe}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.heights not in HEIGHTS:
+            raise UsageError(f"--heights must be one of {', '.join(HEIGHTS)}, got {self.heights!r}")
         if self.pairs is not None and self.pairs < 2:
             raise UsageError(f"--pairs must be at least 2 (one to train on, one to measure), got {self.pairs}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.batch_size < 1 or not 0 <= self.ema < 1:
@@ -113,7 +133,7 @@ class DistillSettings:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DistillSettings:
-        return cls(**data)
+        return cls(**{"heights": "uniform", "dropout": None, **data})  # as runs from before these settings trained
 
 
 @dataclass
@@ -203,15 +223,21 @@ class _Reflow(Trainer):
     """`Trainer` with the reflow loss: its optimiser, clipping, EMA, skipped non-finite steps, per-step reseeding
     and checkpoint state, over pairs instead of charge batches."""
 
-    def __init__(self, network: nn.Module, spec: FieldSpec, schedule: Schedule, *, batch: int, seed: int) -> None:
+    def __init__(
+        self, network: nn.Module, spec: FieldSpec, schedule: Schedule, *, batch: int, seed: int, heights: str
+    ) -> None:
         super().__init__(network, spec, schedule, points=batch, seed=seed)
         self.z0, self.z1 = spec.eps, spec.L - spec.eps
+        self.heights = heights
 
     def loss(self, source: Tensor, target: Tensor) -> Tensor:
         """MSE of the network against the straight target at a random height of `points` random pairs (a, b)."""
         gen = torch.Generator(device=self.device).manual_seed(_step_seed(self.seed, self.step))
         rows = torch.randint(len(source), (self.points,), generator=gen, device=self.device)
         t = torch.rand(self.points, generator=gen, device=self.device, dtype=source.dtype)
+        if self.heights == "euler":
+            nodes = torch.tensor(EULER_NODES, device=self.device, dtype=source.dtype)
+            t = nodes[(t * len(nodes)).long().clamp(max=len(nodes) - 1)]
         a, b = source[rows], target[rows]
         z, x = line_points(a, b, t, self.z0, self.z1)
         wanted = straight_target(a, b, self.z1 - self.z0)
@@ -512,7 +538,11 @@ def _student(
     schedule = Schedule(lr=settings.lr, warmup=warmup, decay="cosine", total=total, ema=settings.ema)
     torch.manual_seed(settings.seed)
     network = copy.deepcopy(teacher.network).to(device).float()
-    trainer = _Reflow(network, spec, schedule, batch=settings.batch_size, seed=settings.seed)
+    if settings.dropout is not None:
+        for module in network.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = settings.dropout
+    trainer = _Reflow(network, spec, schedule, batch=settings.batch_size, seed=settings.seed, heights=settings.heights)
     found = checkpoint.latest(run / "checkpoints") if resume else None
     if found is not None:
         tensors, meta = checkpoint.load(found)
@@ -641,9 +671,11 @@ def distilled_config(
     held_out: int,
     steps: int,
 ) -> dict[str, Any]:
-    """The student's config.json: the teacher's, with the Euler sampler and a `distilled` record (the teacher's
-    measured `sampler_choice` does not describe the student and is left out)."""
+    """The student's config.json: the teacher's, with the Euler sampler, the student's training dropout and a
+    `distilled` record (the teacher's measured `sampler_choice` does not describe the student and is left out)."""
     config = {k: v for k, v in teacher.config.items() if k != "sampler_choice"}
+    if settings.dropout is not None and "dropout" in config["network"]:
+        config["network"] = {**config["network"], "dropout": settings.dropout}  # as the student was trained
     record = {
         "teacher": settings.teacher,
         "pairs": train_pairs,
