@@ -316,19 +316,23 @@ def test_training_is_deterministic() -> None:
 # The command
 
 
+def bars_config(size: int) -> dict:
+    """A tiny vertical → horizontal capacitor's config at `size` (4 Euler steps)."""
+    return new_config(
+        source="vertical",
+        target="horizontal",
+        network=preset("tiny", size=size, L=6.0).to_dict(),
+        field={"kind": "tube", "L": 6.0, "S": 1.0},
+        size=size,
+        sampler={"solver": "euler", "steps": 4},
+    )
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny capacitor (16×16, 4 Euler steps) and bar folders: train and test, source and target."""
     root = tmp_path_factory.mktemp("eval")
-    config = new_config(
-        source="vertical",
-        target="horizontal",
-        network=preset("tiny", size=16, L=6.0).to_dict(),
-        field={"kind": "tube", "L": 6.0, "S": 1.0},
-        size=16,
-        sampler={"solver": "euler", "steps": 4},
-    )
-    climbing_capacitor(config).save_pretrained(root / "cap")
+    climbing_capacitor(bars_config(16)).save_pretrained(root / "cap")
     for split, count in (("train", 24), ("test", ev.MIN_HELD_OUT)):  # just enough held-out images to mean something
         bars(root / split / "a", True, count, 10 + count)
         bars(root / split / "b", False, count, 20 + count)
@@ -427,15 +431,7 @@ def test_against_a_second_capacitor_reports_both_and_their_paired_differences(
     assert "± 0.00 " not in fd_row
 
     wrong = tmp_path / "wrong"
-    wrong_config = new_config(
-        source="vertical",
-        target="horizontal",
-        network=preset("tiny", size=32, L=6.0).to_dict(),
-        field={"kind": "tube", "L": 6.0, "S": 1.0},
-        size=32,
-        sampler={"solver": "euler", "steps": 4},
-    )
-    climbing_capacitor(wrong_config).save_pretrained(wrong)
+    climbing_capacitor(bars_config(32)).save_pretrained(wrong)
     refused = run_efm(*args, "--against", str(wrong), env=env, timeout=300)
     assert refused.returncode == 1
     assert "a paired report needs both to translate the same pictures" in one_error_line(refused.stderr)

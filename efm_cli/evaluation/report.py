@@ -703,14 +703,15 @@ def report(
         theirs = translate_all(other_capacitor, sources, batch_size, where)
         their_verdicts = judge(theirs.images)
         their_robust = robust_target(judge, theirs.images, seed)
+        their_rate, their_robust_rate = _rate(their_verdicts), _rate(their_robust)
         their_features = features(theirs.images)
         their_fd = frechet_distance(their_features, target_features)
         result["against"] = {
             "model": {"ref": against, "path": str(other_folder)},
-            "target_rate": _rate(their_verdicts),
-            "target_rate_se": rate_standard_error(_rate(their_verdicts), len(theirs.images)),
-            "robust_target_rate": _rate(their_robust),
-            "robust_target_rate_se": rate_standard_error(_rate(their_robust), len(theirs.images)),
+            "target_rate": their_rate,
+            "target_rate_se": rate_standard_error(their_rate, len(theirs.images)),
+            "robust_target_rate": their_robust_rate,
+            "robust_target_rate_se": rate_standard_error(their_robust_rate, len(theirs.images)),
             "fd": their_fd,
             "fd_se": frechet_standard_error(their_features, target_features, seed=seed),
             "mean_abs_change": mean_abs_change(sources, theirs.images),
@@ -718,9 +719,9 @@ def report(
             "hue_difference_deg": _nan_mean(hue_difference(sources, theirs.images))[0],
             "speed": theirs.speed(),
             "difference": {
-                "target_rate": target_rate - _rate(their_verdicts),
+                "target_rate": target_rate - their_rate,
                 "target_rate_se": paired_rate_standard_error(verdicts, their_verdicts),
-                "robust_target_rate": robust_rate - _rate(their_robust),
+                "robust_target_rate": robust_rate - their_robust_rate,
                 "robust_target_rate_se": paired_rate_standard_error(robust_verdicts, their_robust),
                 "fd": result["fd"]["translated"] - their_fd,
                 "fd_se": frechet_difference_standard_error(

@@ -72,11 +72,9 @@ HEIGHTS = ("euler", "uniform")
 """Where on each straight line the student is trained: only where Euler with 1, 2 or 4 steps evaluates it, in
 either direction (the field elsewhere is never used by the exported sampler, and a network trained at every height
 spends most of its fit there), or at every height, as reflow usually does."""
-EULER_NODES = tuple(
-    sorted({i / k for k in DISTILLED_NFE for i in range(k)} | {1 - i / k for k in DISTILLED_NFE for i in range(k)})
-)
+EULER_NODES = tuple(sorted({i / k for k in DISTILLED_NFE for i in range(k + 1)}))
 """The fractions of the way between the plates at which an Euler sampler with k in DISTILLED_NFE steps evaluates the
-field, going up (i/k) or down (1 − i/k): 0, 1/4, 1/2, 3/4 and 1."""
+field: i/k for i < k going up, 1 − i/k = (k − i)/k going down, so every i/k from 0 to 1: 0, 1/4, 1/2, 3/4 and 1."""
 
 
 class DistillError(EfmError):
