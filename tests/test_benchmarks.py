@@ -1,6 +1,6 @@
 """benchmarks/gpu.py, the prepared GPU run, works end to end in its tiny CPU mode: CI has no GPU, so this is where a
 broken phase would show before a GPU machine's time is spent on it. benchmarks/bench_distill.py compares what it says
-it compares."""
+it compares; benchmarks/bench_precision.py times every precision and says what this CPU has."""
 
 import json
 import math
@@ -108,3 +108,18 @@ def test_distill_benchmark_compares_each_capacitor_with_its_own_sampler_on_the_s
     assert math.isclose(result["endpoint_rms_mean"], levels.mean().item(), rel_tol=1e-4, abs_tol=1e-4)
     assert levels.mean().item() > 0.02  # the two samplers land apart: the number measures something
     assert result["speedup"] > 0 and result["student_sampler"] == {"solver": "euler", "steps": 1}
+
+
+def test_precision_benchmark_times_each_precision_against_fp32_and_names_the_cpus_instructions() -> None:
+    from efm_cli import devices
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, str(ROOT / "benchmarks" / "bench_precision.py"), "--model", "digits-2to3"]
+    script += ["--batch-size", "1", "--repeat", "1"]
+    done = subprocess.run(script, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+    assert (result["model"], result["batch_size"], result["size"], result["threads"]) == ("digits-2to3", 1, 32, 1)
+    assert result["seconds_fp32"] > 0 and result["slowdown_bf16"] > 0 and result["slowdown_fp16"] > 0
+    assert (result["native_bf16"], result["native_fp16"]) == (devices.cpu_native("bf16"), devices.cpu_native("fp16"))
+    assert result["command"].endswith("--model digits-2to3 --batch-size 1 --repeat 1")

@@ -290,6 +290,18 @@ def test_devices() -> None:
         devices.choose("cpu:0")
 
 
+def test_the_cpus_native_precisions_are_read_from_its_flags() -> None:
+    """x86 lists AVX-512/AMX extensions under `flags`, Arm its extensions under `Features`; no such line: unknown."""
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    assert devices.cpu_native("bf16", x86) is False and devices.cpu_native("fp16", x86) is False
+    assert devices.cpu_native("bf16", x86.replace("avx2", "avx2 avx512f avx512_bf16")) is True
+    assert devices.cpu_native("bf16", x86.replace("avx2", "amx_bf16 amx_tile")) is True
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimdhp bf16 sve\n"
+    assert devices.cpu_native("bf16", arm) is True and devices.cpu_native("fp16", arm) is True
+    assert devices.cpu_native("bf16", "processor\t: 0\n") is None
+    assert devices.cpu_native("fp32", x86) is True
+
+
 def test_open_capacitor_by_domain_picks_the_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from efm_cli.capacitor import registry
 

@@ -132,6 +132,24 @@ def test_to_picks_the_capacitor_and_the_direction(tmp_path: Path, weights: Path)
         assert back.size == (20, 14)
 
 
+def test_reduced_precision_on_a_cpu_without_its_instructions_is_warned_about(
+    tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emulated bf16 is many times slower than fp32 on a CPU: say so, once, and translate anyway."""
+    from efm_cli import devices
+
+    horses = tmp_path / "horses"
+    horses.mkdir()
+    Image.new("RGB", (16, 16), (120, 80, 40)).save(horses / "h.png")
+    for native, warned in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(devices, "cpu_native", lambda precision, cpuinfo=None, answer=native: answer)
+        out = tmp_path / f"out-{native}"
+        code, _, stderr = invoke(str(horses), "--to", "zebra", "--precision", "bf16", "--device", "cpu", "-o", str(out))
+        assert code == 0, stderr
+        assert ("no bf16 instructions" in stderr) is warned and stderr.count("instructions") <= 1
+        assert (out / "h.png").is_file()
+
+
 def test_ambiguous_or_unknown_domains_list_what_is_available(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, weights: Path
 ) -> None:

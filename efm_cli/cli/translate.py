@@ -214,6 +214,11 @@ def _run(pipeline: Any, request: _Request) -> int:
     from efm_cli import devices
 
     device = devices.choose(request.device)
+    if device.type == "cpu" and devices.cpu_native(request.precision) is False:
+        console.warn(
+            f"this CPU has no {request.precision} instructions: torch emulates them, many times slower than fp32 "
+            "(the CPU's fastest; drop --precision)"
+        )
     capacitor, direction, name = pipeline.open_capacitor(model=request.model, to=request.to, device=device)
     given = request.solver_options
     if "solver" not in given:

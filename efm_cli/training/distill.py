@@ -12,7 +12,7 @@ The run folder:
     RUN/pairs.safetensors    the teacher's pairs: integrated once, reused by --resume
     RUN/checkpoints/         the student's weights, EMA and optimizer (efm_cli.training.checkpoint)
     RUN/distill.json         everything measured (also `efm distill --json`)
-    RUN/model/               the student capacitor: sampler euler with the chosen steps, and a `distilled` record
+    RUN/model/               the student capacitor: sampler euler with --nfe steps (4), and a `distilled` record
 
 Heights: the integrator starts and ends a line just off the plates, at z0 = eps and z1 = L − eps
 (`Capacitor.plates`), so a pair (a, b) is a at z0 and b at z1, and the straight line between them climbs
@@ -53,8 +53,10 @@ DEFAULT_STEPS = 1000
 """Steps when neither --steps nor --max-minutes says otherwise."""
 HELD_OUT_SHARE = 0.1
 """Share of the pairs kept out of training to measure the student (at least one pair)."""
-CHOICE_SLACK = 1.25
-"""The default step count is the smallest k whose held-out error is at most this times the error at k = 4."""
+DEFAULT_NFE = max(DISTILLED_NFE)
+"""Euler steps of the exported sampler unless --nfe says otherwise: the most that are measured. The held-out
+endpoint error hides what a user sees: on the digits a student's mean error at 4 steps was only 5 % below its error
+at 1, yet its FD was a third lower (0.18 against 0.28, README "Few-step translation")."""
 TEACHER_BATCH = 16
 """Images the teacher integrates together while the pairs are made."""
 PROBE_SHARE, PROBE_SECONDS = 0.05, (2.0, 30.0)
@@ -103,7 +105,7 @@ class DistillSettings:
     ema: float = 0.999
     batch_size: int = 16
     nfe: int | None = None
-    """Euler steps of the exported sampler (1, 2 or 4); None: chosen by the held-out errors."""
+    """Euler steps of the exported sampler (1, 2 or 4); None: DEFAULT_NFE."""
     seed: int = 0
     heights: str = "euler"
     """Where the student is trained on each line: one of HEIGHTS."""
@@ -282,7 +284,7 @@ def distill(
     seconds = time.monotonic() - session
     student = trainer.ema_network(copy.deepcopy(teacher.network))
     errors = measure(teacher, student, held.to(place), batch_size=max(settings.batch_size, TEACHER_BATCH))
-    nfe, chosen_by = choose_nfe(errors, settings.nfe)
+    nfe, chosen_by = (settings.nfe, "--nfe") if settings.nfe is not None else (DEFAULT_NFE, "the default")
     model = export(teacher, student, run / MODEL_DIR, settings, nfe, errors, len(train), len(held), trainer.step)
     window = max(1, min(10, len(losses) // 2)) if losses else 1
     summary = DistillSummary(
@@ -645,19 +647,6 @@ def measure(teacher: Capacitor, student: nn.Module, held: Pairs, *, batch_size: 
 def _round(value: float) -> float | None:
     """Four significant digits; None for what JSON cannot hold."""
     return float(f"{value:.4g}") if math.isfinite(value) else None
-
-
-def choose_nfe(errors: list[Errors], wanted: int | None = None) -> tuple[int, str]:
-    """The exported step count: `wanted`, else the smallest k whose mean held-out error is within CHOICE_SLACK of
-    the error at k = 4 (k = 4 when no error is finite). Returns it and how it was chosen."""
-    if wanted is not None:
-        return wanted, "--nfe"
-    by_k = {row.steps: row.student_mean for row in errors if row.failed == 0 and row.student_mean is not None}
-    best = by_k.get(max(DISTILLED_NFE))
-    if best is None:
-        return max(DISTILLED_NFE), "no finite error: the most steps"
-    k = min(k for k, error in by_k.items() if error <= CHOICE_SLACK * best)
-    return k, f"smallest k within {CHOICE_SLACK:g}× of the error at k = {max(DISTILLED_NFE)}"
 
 
 def distilled_config(
