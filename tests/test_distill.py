@@ -313,3 +313,21 @@ def test_the_student_trains_without_the_teachers_dropout_unless_asked_and_its_co
     assert dist.DistillSettings.from_json({"teacher": "x", "source": "y"}).dropout is None  # runs made before
     with pytest.raises(dist.UsageError, match="dropout"):
         dist.DistillSettings(teacher="x", source="y", dropout=1.0)
+
+
+def test_a_resume_without_steps_or_minutes_keeps_the_runs_length_and_only_exports_again(
+    data: Path, tmp_path: Path, run_efm: Run
+) -> None:
+    """A time-sized run stores its --max-minutes; `--resume RUN --nfe 1` must not spend them again on training."""
+    run = tmp_path / "run"
+    common = ("--source", str(data / "squares"), "--out", str(run), "--steps", "6", "--pairs", "6", "-q")
+    assert run_efm("distill", str(data / "teacher"), *common).returncode == 0
+    stored = json.loads((run / "config.json").read_text())
+    stored["settings"] |= {"steps": None, "minutes": 30.0}  # as `--max-minutes 30` leaves it
+    (run / "config.json").write_text(json.dumps(stored))
+    again = run_efm("distill", "--resume", str(run), "--nfe", "1", "--json", "-q")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert (report["step"], report["total"], report["nfe"]) == (6, 6, 1)
+    assert json.loads((run / "model" / CONFIG_NAME).read_text())["sampler"] == {"solver": "euler", "steps": 1}
+    assert json.loads((run / "config.json").read_text())["settings"]["minutes"] is None

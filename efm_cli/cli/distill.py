@@ -217,7 +217,9 @@ def _model_name(ref: str) -> str:
 def _continued(
     settings: DistillSettings, *, steps: int | None, minutes: float | None, nfe: int | None
 ) -> DistillSettings:
-    """The run's settings with what may change on --resume; --steps turns the sizing to --max-minutes off."""
+    """The run's settings with what may change on --resume; --steps turns the sizing to --max-minutes off, and with
+    neither the run keeps its length (the last session's minutes were that session's: `--resume RUN --nfe 1` only
+    exports again)."""
     from dataclasses import replace
 
     changes: dict[str, object] = {}
@@ -225,6 +227,8 @@ def _continued(
         changes |= {"steps": steps, "minutes": minutes}
     elif minutes is not None:
         changes |= {"minutes": minutes, "steps": None}
+    elif settings.steps is None:
+        changes["minutes"] = None
     if nfe is not None:
         changes["nfe"] = nfe
     return replace(settings, **changes)

@@ -550,6 +550,11 @@ def _student(
             trainer.load_state(tensors, meta)
         except (KeyError, RuntimeError, ValueError) as error:
             raise DistillError(f"checkpoint {found} does not fit the teacher's network ({error})") from error
+        if settings.steps is None and settings.minutes is None:  # neither given: the length it was trained to
+            stored = meta.get("total")
+            total = stored if type(stored) is int and stored >= trainer.step else trainer.step
+            warmup = settings.warmup if settings.warmup is not None else default_warmup(total)
+            trainer.schedule = replace(schedule, total=total, warmup=warmup)
         if total is not None and trainer.step > total:
             raise UsageError(
                 f"{run} is already at step {trainer.step}, past --steps {total}",
