@@ -20,8 +20,6 @@ from _common import emit
 from efm_cli import devices
 from efm_cli.translate import open_capacitor
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,11 +33,11 @@ def main() -> None:
     size, channels = capacitor.config["image"]["size"], capacitor.config["image"]["channels"]
     x = torch.rand(args.batch_size, channels, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     z = torch.full((args.batch_size,), 0.5 * float(capacitor.config["field"]["L"]))
-    best = dict.fromkeys(PRECISIONS, float("inf"))
+    best = dict.fromkeys(devices.PRECISIONS, float("inf"))
     with torch.inference_mode():
         for rep in range(args.repeat + 1):
-            for name, dtype in PRECISIONS.items():
-                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            for name in devices.PRECISIONS:
+                with devices.autocast("cpu", name):
                     start = time.perf_counter()
                     network(z, x)
                     seconds = time.perf_counter() - start

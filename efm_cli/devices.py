@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from efm_cli.errors import EfmError, UsageError
 
@@ -59,6 +60,16 @@ def choose(name: str = "auto") -> torch.device:
     if ":" in name and int(name.partition(":")[2]) >= torch.cuda.device_count():
         raise DeviceError(f"{name} does not exist: this machine has {torch.cuda.device_count()} GPUs", "see 'efm env'")
     return torch.device(name)
+
+
+def autocast(device_type: str, precision: Precision) -> AbstractContextManager[Any]:
+    """The context that runs a network in `precision` on `device_type` (cpu, cuda, mps): torch's autocast to bfloat16
+    or float16, or nothing for fp32. The one place a precision name becomes a dtype."""
+    import torch
+
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def cpu_native(precision: Precision, cpuinfo: str | None = None) -> bool | None:

@@ -302,6 +302,17 @@ def test_the_cpus_native_precisions_are_read_from_its_flags() -> None:
     assert devices.cpu_native("fp32", x86) is True
 
 
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_a_precision_name_runs_a_layer_in_its_dtype(precision: devices.Precision, dtype: torch.dtype) -> None:
+    """Translation, training and the precision benchmark share one mapping from a name to an autocast dtype."""
+    layer = torch.nn.Linear(4, 3)
+    with devices.autocast("cpu", precision):
+        assert layer(torch.ones(2, 4)).dtype == dtype
+    assert layer(torch.ones(2, 4)).dtype == torch.float32
+
+
 def test_open_capacitor_by_domain_picks_the_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from efm_cli.capacitor import registry
 

@@ -25,7 +25,7 @@ from efm_cli.capacitor.format import (
     network_config,
     validate,
 )
-from efm_cli.devices import PRECISIONS, Precision
+from efm_cli.devices import PRECISIONS, Precision, autocast
 from efm_cli.files import atomic_path, write_json
 from efm_cli.integrator import Solution, integrate
 from efm_cli.network import build
@@ -248,7 +248,8 @@ class Capacitor:
 
         `to` names the destination domain (it picks the direction); `solver` and `options` (rtol, atol, steps, …)
         default to the capacitor's sampler settings. `precision` "bf16" or "fp16" runs the network under autocast,
-        while the integrator's state and error control stay in fp32, where the tolerances mean something. A latent
+        while the integrator's state and error control stay in fp32, where the tolerances mean something; a CPU
+        without those instructions (`devices.cpu_native`) emulates them, tens of times slower than fp32. A latent
         capacitor encodes the images, integrates their codes and decodes the end points (the autoencoder in fp32);
         with `reconstruct` it also returns the decoded input, what the translation should be compared with.
         """
@@ -266,8 +267,7 @@ class Capacitor:
         z0, z1 = self.plates(direction)
         param = next(self.network.parameters())
         x = self.encode(images.to(param.device, param.dtype))
-        low = torch.float16 if precision == "fp16" else torch.bfloat16
-        with torch.autocast(param.device.type, dtype=low, enabled=precision != "fp32"):
+        with autocast(param.device.type, precision):
             solution = integrate(
                 self.network,
                 x,

@@ -51,7 +51,7 @@ from efm_cli.capacitor.format import (
     validate,
 )
 from efm_cli.capacitor.model import Capacitor
-from efm_cli.devices import PRECISIONS, Precision
+from efm_cli.devices import PRECISIONS, Precision, autocast
 from efm_cli.errors import UsageError
 from efm_cli.files import write_json
 from efm_cli.integrator import Status, integrate
@@ -286,11 +286,10 @@ def _integrate(
 ) -> _Run:
     """Integrate `points` in chunks of `batch_size` (each chunk one vectorised batch) and time it."""
     param = next(network.parameters())
-    low = torch.float16 if precision == "fp16" else torch.bfloat16
     xs, nfes, landed = [], [], []
     start = time.perf_counter()
     for chunk in points.split(batch_size):
-        with torch.autocast(param.device.type, dtype=low, enabled=precision != "fp32"):
+        with autocast(param.device.type, precision):
             solution = integrate(network, chunk.to(param.device, param.dtype), *plates, **options)
         xs.append(solution.x)
         nfes.append(solution.nfe)

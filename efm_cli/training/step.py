@@ -13,14 +13,14 @@ uninterrupted run draws at step k; the checkpoint needs no generator states.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from efm_cli.devices import Precision
+from efm_cli.devices import Precision, autocast
 from efm_cli.field import coulomb_target, ot_pairing, sample_points, tube_target
 from efm_cli.training import checkpoint
 
@@ -179,10 +179,7 @@ class Trainer:
         self.skipped = 0
 
     def _autocast(self) -> AbstractContextManager[Any]:
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device.type, self.precision)
 
     def loss(self, source: Tensor, target: Tensor) -> Tensor:
         """This process's share of the step's loss: MSE of the network against the field at its points."""
