@@ -285,13 +285,14 @@ def shard(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
 
 
 def open_capacitor(
-    *, model: str | None, to: str | None, device: torch.device | str = "cpu"
+    *, model: str | None, to: str | None, device: torch.device | str = "cpu", fast: bool = False
 ) -> tuple[Capacitor, Direction, str]:
-    """The capacitor a `--model REF` and/or `--to DOMAIN` asks for, the direction to run it, and its name."""
+    """The capacitor a `--model REF` and/or `--to DOMAIN` asks for, the direction to run it, and its name; `fast`
+    picks a distilled capacitor for `--to` (`registry.for_domain`)."""
     if model is None and to is None:
         raise PlanError("say where to translate to", "pass --to DOMAIN or --model REF")
     if model is None:
-        entry, _ = registry.for_domain(to)
+        entry, _ = registry.for_domain(to, fast=fast)
         path, name = entry.path, entry.name
     else:
         path = registry.resolve(model)

@@ -5,6 +5,7 @@ teacher with few Euler steps than the teacher itself does, the exported capacito
 import copy
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -221,6 +222,23 @@ def test_the_command_distils_and_its_capacitor_translates(data: Path, tmp_path: 
     assert translated.returncode == 0, translated.stderr
     assert len(list((tmp_path / "t").glob("*.png"))) == 20
 
+    # Installed beside its teacher, the student leaves --to to the teacher and answers --to with --fast.
+    weights = tmp_path / "weights"
+    shutil.copytree(data / "teacher", weights / "shapes")
+    shutil.copytree(out / "model", weights / "shapes-fast")
+    env = {"EFM_WEIGHTS_DIR": str(weights)}
+    for extra, picked in (((), "shapes"), (("--fast",), "shapes-fast")):
+        args = ("translate", str(data / "discs"), "--to", "square", *extra, "-o", str(tmp_path / picked), "--json")
+        done = run_efm(*args, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["model"] == picked
+    listed = {row["name"]: row for row in json.loads(run_efm("models", "--json", env=env).stdout)["models"]}
+    assert listed["shapes-fast"]["distilled_from"] == str(data / "teacher")
+    assert listed["shapes"]["distilled_from"] is None
+    assert listed["shapes-fast"]["sampler"] == {"solver": "euler", "steps": 1}
+    both = run_efm("translate", str(data / "discs"), "--fast", "-m", "shapes-fast", env=env)
+    assert both.returncode == 2 and "--fast" in both.stderr
+
     refusals = [
         (("--source", str(data / "missing")), 2, "does not exist"),
         (("--source", str(data / "empty"), "--out", str(tmp_path / "e")), 1, "no readable images"),
@@ -318,10 +336,12 @@ def test_the_student_trains_without_the_teachers_dropout_unless_asked_and_its_co
 def test_a_resume_without_steps_or_minutes_keeps_the_runs_length_and_only_exports_again(
     data: Path, tmp_path: Path, run_efm: Run
 ) -> None:
-    """A time-sized run stores its --max-minutes; `--resume RUN --nfe 1` must not spend them again on training."""
+    """A time-sized run stores its --max-minutes; `--resume RUN --nfe 1` must not spend them again on training,
+    and its report keeps the time and losses of the session that trained."""
     run = tmp_path / "run"
     common = ("--source", str(data / "squares"), "--out", str(run), "--steps", "6", "--pairs", "6", "-q")
     assert run_efm("distill", str(data / "teacher"), *common).returncode == 0
+    trained = json.loads((run / "distill.json").read_text())
     stored = json.loads((run / "config.json").read_text())
     stored["settings"] |= {"steps": None, "minutes": 30.0}  # as `--max-minutes 30` leaves it
     (run / "config.json").write_text(json.dumps(stored))
@@ -329,5 +349,9 @@ def test_a_resume_without_steps_or_minutes_keeps_the_runs_length_and_only_export
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
     assert (report["step"], report["total"], report["nfe"]) == (6, 6, 1)
+    kept = ("seconds", "steps_per_s", "loss_start", "loss_end")
+    assert trained["seconds"] > 0 and trained["loss_end"] is not None
+    assert {key: report[key] for key in kept} == {key: trained[key] for key in kept}
+    assert json.loads((run / "distill.json").read_text())["loss_end"] == trained["loss_end"]
     assert json.loads((run / "model" / CONFIG_NAME).read_text())["sampler"] == {"solver": "euler", "steps": 1}
     assert json.loads((run / "config.json").read_text())["settings"]["minutes"] is None

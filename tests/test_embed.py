@@ -80,3 +80,17 @@ def test_fp32_keeps_the_bytes_and_a_rerun_replaces_the_folder(tmp_path: Path) ->
     original = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
     assert (folder / "model.safetensors").read_bytes() == original
     assert "metrics" not in json.loads((folder / "config.json").read_text())["training"]
+
+
+def test_a_distilled_capacitors_card_names_its_teacher_its_steps_and_fast() -> None:
+    from efm_cli.capacitor import card
+
+    errors = {"1": {"student": 4.1, "teacher": 30.4}, "4": {"student": 3.0, "teacher": 9.7}}
+    record = {"teacher": "h2z", "pairs": 2161, "held_out": 240, "steps": 3000, "nfe": 4, "errors": errors}
+    config = {**make_capacitor().config, "sampler": {"solver": "euler", "steps": 4}, "distilled": record}
+    text = card.render(config, "h2z-fast", embedded=True)
+    assert "translation takes 4 network passes" in text
+    assert "| teacher | h2z |" in text and "| Euler steps (network passes per image) | 4 |" in text
+    assert "at 4 step(s): student / teacher's field | 3.0 / 9.7 |" in text
+    assert "efm translate ./horse-images --to zebra --fast" in text
+    assert "## Distilled" not in card.render(make_capacitor().config, "h2z", embedded=True)

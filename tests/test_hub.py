@@ -232,6 +232,30 @@ def test_registry_lists_and_resolves_cached_capacitors(hub_server: HubServer, mo
     assert "dan/summer2winter (summer↔winter)" in caught.value.hint
 
 
+def test_to_prefers_a_trained_capacitor_and_fast_its_distilled_student(monkeypatch: pytest.MonkeyPatch) -> None:
+    def entry(name: str, source: str, target: str, teacher: str | None = None) -> registry.Entry:
+        config = {"domains": {"source": source, "target": target}}
+        if teacher is not None:
+            config["distilled"] = {"teacher": teacher}
+        return registry.Entry(name, Path(name), "embedded", config)
+
+    known = [entry("h2z", "horse", "zebra"), entry("h2z-fast", "horse", "zebra", "h2z")]
+    known.append(entry("s2w-fast", "s", "w", "x"))
+    monkeypatch.setattr(registry, "known", lambda: known)
+    assert [(e.name, d) for e, d in [registry.for_domain("zebra"), registry.for_domain("horse", fast=True)]] == [
+        ("h2z", "forward"),
+        ("h2z-fast", "backward"),
+    ]
+    assert registry.for_domain("w")[0].name == "s2w-fast"  # only a student has that plate: --to still finds it
+    known.append(entry("h2z-other", "zebra", "horse"))
+    with pytest.raises(registry.UnknownReference, match="several capacitors translate to 'zebra': h2z, h2z-other"):
+        registry.for_domain("zebra")
+    known[:] = [entry("h2z", "horse", "zebra")]
+    with pytest.raises(registry.UnknownReference, match="no distilled capacitor translates to 'zebra'") as caught:
+        registry.for_domain("zebra", fast=True)
+    assert caught.value.hint.startswith("make one with 'efm distill h2z")
+
+
 CLI_FROM_PRETRAINED = """
 import sys
 from efm_cli.capacitor.model import Capacitor

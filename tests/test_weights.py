@@ -50,3 +50,19 @@ def test_quick_start_translates_the_example_horses_with_the_embedded_capacitor(r
             assert after.size == before.size
             change = np.asarray(after.convert("RGB"), dtype=np.float32) - np.asarray(before.convert("RGB"))
             assert np.abs(change).mean() > 2.0  # levels of 255: the photo changed beyond JPEG re-encoding
+
+
+def test_each_embedded_student_answers_fast_and_its_teacher_plain_to(run_efm: Run, tmp_path: Path) -> None:
+    env = {"EFM_WEIGHTS_DIR": str(ROOT / "weights"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    students = [p for p in EMBEDDED if "distilled" in json.loads((p / "config.json").read_text())]
+    assert {p.name for p in students} >= {"horse2zebra-fast", "digits-2to3-fast"}
+    for student in students:
+        config = json.loads((student / "config.json").read_text())
+        teacher, target = config["distilled"]["teacher"], config["domains"]["target"]
+        assert (ROOT / "weights" / teacher).is_dir()
+        for extra, picked in (((), teacher), (("--fast",), student.name)):
+            out = tmp_path / f"{student.name}-{len(extra)}"
+            args = ("translate", str(ROOT / "examples" / "horses"), "--to", target, *extra, "-o", str(out), "--json")
+            done = run_efm(*args, env=env)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["model"] == picked

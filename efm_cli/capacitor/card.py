@@ -87,6 +87,33 @@ def _latent_rows(config: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
+def _distilled_lines(config: dict[str, Any]) -> list[str]:
+    """What a distilled capacitor (`efm distill`) was made from and how near its few steps land to its teacher."""
+    record = config.get("distilled")
+    if not isinstance(record, dict):
+        return []
+    rows = [
+        ("teacher", record.get("teacher")),
+        ("Euler steps (network passes per image)", record.get("nfe")),
+        ("training pairs", record.get("pairs")),
+        ("held-out pairs", record.get("held_out")),
+        ("training steps", record.get("steps")),
+    ]
+    errors = record.get("errors") if isinstance(record.get("errors"), dict) else {}
+    for steps, pair in errors.items():
+        if isinstance(pair, dict):
+            label = f"held-out endpoint error at {steps} step(s): student / teacher's field"
+            rows.append((label, f"{pair.get('student')} / {pair.get('teacher')}"))
+    lines = ["", "## Distilled", ""]
+    lines += [
+        "This capacitor was distilled from its teacher by `efm distill`: its field lines are straight, so a few",
+        "Euler steps carry an image to the other plate. Errors are RMS differences from the teacher's own endpoints,",
+        "in 8-bit levels.",
+        "",
+    ]
+    return lines + _table([(name, value) for name, value in rows if value is not None])
+
+
 def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, embedded: bool = False) -> str:
     """The whole README.md of a capacitor published as `repo_id`; `sample` names the grid image beside it.
 
@@ -103,6 +130,8 @@ def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, e
         "to the other. The same capacitor translates in both directions.",
         "",
     ]
+    if config.get("distilled") is not None:
+        lines += [f"Distilled for speed: translation takes {config['sampler'].get('steps')} network passes.", ""]
     if sample:
         lines += [f"![Sample grid: {source} inputs and their {target} translations]({sample})", ""]
     lines += ["## Capacitor", ""]
@@ -120,17 +149,19 @@ def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, e
         (k, v) for k, v in training.items() if k not in ("metrics", "datasets") and not isinstance(v, dict | list)
     ]
     datasets, metrics = _datasets(training), _metrics(training)
+    lines += _distilled_lines(config)
     if scalars or datasets:
-        lines += ["", "## Training", ""]
+        lines += ["", "## Training of the teacher" if config.get("distilled") is not None else "## Training", ""]
         lines += _table([*scalars, *([("datasets", ", ".join(datasets))] if datasets else [])])
     if metrics:
         lines += ["", "## Metrics", ""]
         lines += _table(list(metrics.items()))
     source_dir, target_dir = f"{_tag(source) or 'source'}-images", f"{_tag(target) or 'target'}-images"
+    fast = " --fast" if config.get("distilled") is not None else ""
     shell = (
         [
-            f"efm translate ./{source_dir} --to {target}  # embedded in efm: no download",
-            f"efm translate ./{target_dir} --to {source}  # and back",
+            f"efm translate ./{source_dir} --to {target}{fast}  # embedded in efm: no download",
+            f"efm translate ./{target_dir} --to {source}{fast}  # and back",
         ]
         if embedded
         else [

@@ -9,7 +9,8 @@
    capacitor (`name` for `user/name`, its `main` revision); embedded ones win on a clash.
 
 `--to DOMAIN` picks the one known capacitor (embedded or cached) with a plate of that name, and the direction
-from it. Reading a config here never builds a network, so listing models stays cheap.
+from it; a distilled capacitor stands aside for its trained teacher unless `--fast` asks for it.
+Reading a config here never builds a network, so listing models stays cheap.
 """
 
 from __future__ import annotations
@@ -107,12 +108,30 @@ def resolve(ref: str) -> Path:
     raise UnknownReference(f"no capacitor called {ref!r}", _available_hint(entries))
 
 
-def for_domain(domain: str) -> tuple[Entry, Direction]:
-    """The one known capacitor with a plate named `domain`, and the direction that ends on it."""
+def distilled_from(config: dict[str, Any]) -> str | None:
+    """The teacher a distilled (few-step, `efm distill`) capacitor's config names, or None for a trained one."""
+    record = config.get("distilled")
+    return record.get("teacher") if isinstance(record, dict) else None
+
+
+def for_domain(domain: str, *, fast: bool = False) -> tuple[Entry, Direction]:
+    """The one known capacitor with a plate named `domain`, and the direction that ends on it.
+
+    A distilled capacitor is a faster, slightly less faithful copy of its teacher, so the two may share domains:
+    `fast` picks among the distilled ones, otherwise the trained ones are picked (the distilled ones only when no
+    trained one has that plate). Shipping a teacher with its student thus never makes `--to` ambiguous.
+    """
     entries = known()
-    matches = [entry for entry in entries if domain in entry.domains]
-    if not matches:
+    plates = [entry for entry in entries if domain in entry.domains]
+    if not plates:
         raise UnknownReference(f"no known capacitor translates to {domain!r}", _available_hint(entries))
+    matches = [entry for entry in plates if (distilled_from(entry.config) is not None) == fast]
+    if fast and not matches:
+        raise UnknownReference(
+            f"no distilled capacitor translates to {domain!r}",
+            f"make one with 'efm distill {plates[0].name} --source DIR --target DIR', or drop --fast",
+        )
+    matches = matches or plates
     if len(matches) > 1:
         names = ", ".join(entry.name for entry in matches)
         raise UnknownReference(

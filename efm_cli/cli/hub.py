@@ -58,7 +58,7 @@ def _without_empty_commit_warning() -> None:
 
 
 def _describe(name: str, path: Path, origin: str, config: dict[str, Any]) -> dict[str, Any]:
-    from efm_cli.capacitor import hub
+    from efm_cli.capacitor import hub, registry
     from efm_cli.capacitor.format import AUTOENCODER_DIR, AUTOENCODER_WEIGHTS, WEIGHTS_NAME
 
     weights = [path / WEIGHTS_NAME]
@@ -79,7 +79,21 @@ def _describe(name: str, path: Path, origin: str, config: dict[str, Any]) -> dic
         else None,
         "size_bytes": sum(file.stat().st_size for file in weights),
         "parameters": sum(hub.parameters(file) for file in weights),
+        "sampler": {"solver": "dopri5", **config.get("sampler", {})},
+        "distilled_from": registry.distilled_from(config),
     }
+
+
+def _sampler_cell(row: dict[str, Any]) -> str:
+    """The default sampler in a few words (`heun, 6 steps`, `dopri5, rtol 0.001`), and the teacher of a distilled
+    capacitor."""
+    sampler = row["sampler"]
+    text = str(sampler.get("solver", "dopri5"))
+    if "steps" in sampler:
+        text += f", {sampler['steps']} steps"
+    elif "rtol" in sampler:
+        text += f", rtol {sampler['rtol']:g}"
+    return f"{text}, distilled from {row['distilled_from']}" if row["distilled_from"] else text
 
 
 def models_command(
@@ -95,7 +109,8 @@ def models_command(
     """List the capacitors this machine has: embedded ones (weights/) and Hub downloads in the HF cache.
 
     Columns: name (what --model accepts), domains, resolution, field kind, space (pixels or an autoencoder's
-    latent), size (the autoencoder's weights included), origin.
+    latent), sampler (the default, and the teacher of a distilled capacitor, which --to picks only with --fast),
+    size (the autoencoder's weights included), origin.
     PATHS (optional) adds capacitor or training-run folders, with origin "path".
     Nothing is downloaded; no network request is made.
 
@@ -130,14 +145,14 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table()
-    for column in ("name", "domains", "resolution", "field", "space", "size", "origin"):
+    for column in ("name", "domains", "resolution", "field", "space", "sampler", "size", "origin"):
         table.add_column(column, overflow="fold")
     for row in rows:
         size = f"{row['size_bytes'] / 1e6:.1f} MB / {row['parameters'] / 1e6:.2f} M params"
         domains = f"{row['domains'][0]} ↔ {row['domains'][1]}"
         space = "pixels" if row["autoencoder"] is None else f"latent ({row['autoencoder']['kind']})"
         resolution = f"{row['resolution']}×{row['resolution']}"
-        cells = (row["name"], domains, resolution, row["field"], space, size, row["origin"])
+        cells = (row["name"], domains, resolution, row["field"], space, _sampler_cell(row), size, row["origin"])
         table.add_row(*(console.cell(cell) for cell in cells))
     console.out_console().print(table)
 

@@ -72,6 +72,14 @@ def translate_command(
             help="Capacitor: a folder, a Hub repo USER/NAME or USER/NAME@REV, or a known short name.",
         ),
     ] = None,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast",
+            help="With --to: pick the distilled capacitor of that domain (efm distill; a few network passes "
+            "per image, several times faster, slightly less faithful).",
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -136,12 +144,15 @@ def translate_command(
 
     Examples:
     efm translate ./horses --to zebra
+    efm translate ./horses --to zebra --fast
     efm translate photos/ --model user/summer2winter --out winter/ --grid sheet.jpg
     efm translate 'scans/**/*.png' --to zebra --shard 2/4 --skip-existing --json > report.json
     """
     console.set_quiet(quiet)
     if to is None and model is None:
         raise _usage("say where to translate to: pass --to DOMAIN or --model REF")
+    if fast and model is not None:
+        raise _usage("--fast picks a distilled capacitor for --to; with --model, name the distilled capacitor itself")
     if solver is not None:
         _check_solver_flags(solver.value, steps, rtol, atol)
     try:
@@ -152,6 +163,7 @@ def translate_command(
         inputs=inputs,
         to=to,
         model=model,
+        fast=fast,
         out=out,
         batch_size=batch_size,
         device=device,
@@ -181,6 +193,7 @@ class _Request:
     inputs: list[str]
     to: str | None
     model: str | None
+    fast: bool
     out: Path | None
     batch_size: int
     device: str
@@ -219,7 +232,9 @@ def _run(pipeline: Any, request: _Request) -> int:
             f"this CPU has no {request.precision} instructions: torch emulates them, many times slower than fp32 "
             "(the CPU's fastest; drop --precision)"
         )
-    capacitor, direction, name = pipeline.open_capacitor(model=request.model, to=request.to, device=device)
+    capacitor, direction, name = pipeline.open_capacitor(
+        model=request.model, to=request.to, device=device, fast=request.fast
+    )
     given = request.solver_options
     if "solver" not in given:
         own = capacitor.config.get("sampler", {}).get("solver", "dopri5")

@@ -186,6 +186,8 @@ class DistillSummary:
     steps_per_s: float
     loss_start: float | None
     loss_end: float | None
+    """Training time, speed and mean losses of this session, or, when it trained no step (a resume that only
+    measures and exports), of the last session that did."""
     pairs: int
     train_pairs: int
     held_out: int
@@ -287,6 +289,14 @@ def distill(
     nfe, chosen_by = (settings.nfe, "--nfe") if settings.nfe is not None else (DEFAULT_NFE, "the default")
     model = export(teacher, student, run / MODEL_DIR, settings, nfe, errors, len(train), len(held), trainer.step)
     window = max(1, min(10, len(losses) // 2)) if losses else 1
+    training = {
+        "seconds": round(seconds, 2),
+        "steps_per_s": round((trainer.step - done_before) / max(seconds, 1e-9), 3),
+        "loss_start": _mean(losses[:window]),
+        "loss_end": _mean(losses[-window:]),
+    }
+    if not losses:  # a session that only measured and exported keeps the record of the last one that trained
+        training = _last_training(run) or training
     summary = DistillSummary(
         run=str(run),
         model=str(model),
@@ -294,10 +304,7 @@ def distill(
         step=trainer.step,
         total=total,
         stopped=stopped,
-        seconds=round(seconds, 2),
-        steps_per_s=round((trainer.step - done_before) / max(seconds, 1e-9), 3),
-        loss_start=_mean(losses[:window]),
-        loss_end=_mean(losses[-window:]),
+        **training,
         pairs=len(pairs),
         train_pairs=len(train),
         held_out=len(held),
@@ -313,6 +320,17 @@ def distill(
     report = {"format": "efm-distill-report", "efm_version": __version__, **asdict(summary)}
     write_json(run / REPORT_NAME, {**report, "settings": settings.to_json(), "pair_info": pairs.info})
     return summary
+
+
+def _last_training(run: Path) -> dict[str, Any] | None:
+    """Time, speed and losses of the session that last trained this run, from RUN/distill.json (None if unknown)."""
+    try:
+        report = json.loads((run / REPORT_NAME).read_text(encoding="utf-8"))
+        found = {key: report[key] for key in ("seconds", "steps_per_s", "loss_start", "loss_end")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    numbers = all(value is None or type(value) in (int, float) for value in found.values())
+    return found if numbers and found["loss_end"] is not None else None
 
 
 def read_settings(run: Path) -> DistillSettings:
