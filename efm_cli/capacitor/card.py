@@ -130,8 +130,9 @@ def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, e
         "to the other. The same capacitor translates in both directions.",
         "",
     ]
-    if config.get("distilled") is not None:
-        lines += [f"Distilled for speed: translation takes {config['sampler'].get('steps')} network passes.", ""]
+    passes = (config.get("sampler") or {}).get("steps")
+    if config.get("distilled") is not None and passes is not None:
+        lines += [f"Distilled for speed: translation takes {passes} network passes.", ""]
     if sample:
         lines += [f"![Sample grid: {source} inputs and their {target} translations]({sample})", ""]
     lines += ["## Capacitor", ""]
