@@ -10,9 +10,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, Run, climbing_capacitor, digests, one_error_line, shapes
+from PIL import Image
 
 from efm_cli.capacitor.format import CONFIG_NAME, CapacitorError, new_config, validate
 from efm_cli.capacitor.model import Capacitor
@@ -218,6 +220,11 @@ def test_the_command_distils_and_its_capacitor_translates(data: Path, tmp_path: 
     report = json.loads(done.stdout)
     assert (report["nfe"], report["step"], report["pairs"]) == (1, 10, 8)
     assert json.loads((out / "model" / CONFIG_NAME).read_text())["sampler"] == {"solver": "euler", "steps": 1}
+    with Image.open(out / "model" / "sample.png") as sample:  # the held-out pair: input, teacher's, student's
+        assert sample.size == (TINY, 3 * TINY + 4)
+        rows = np.asarray(sample.convert("RGB"), dtype=np.float32).reshape(-1, TINY, 3)
+    start, teacher_end, student_end = rows[:TINY], rows[TINY + 2 : 2 * TINY + 2], rows[2 * TINY + 4 :]
+    assert np.abs(teacher_end - start).mean() > 2 and np.abs(student_end - start).mean() > 2
     translated = run_efm("translate", str(data / "squares"), "-m", str(out / "model"), "-o", str(tmp_path / "t"), "-q")
     assert translated.returncode == 0, translated.stderr
     assert len(list((tmp_path / "t").glob("*.png"))) == 20

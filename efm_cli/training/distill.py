@@ -12,7 +12,8 @@ The run folder:
     RUN/pairs.safetensors    the teacher's pairs: integrated once, reused by --resume
     RUN/checkpoints/         the student's weights, EMA and optimizer (efm_cli.training.checkpoint)
     RUN/distill.json         everything measured (also `efm distill --json`)
-    RUN/model/               the student capacitor: sampler euler with --nfe steps (4), and a `distilled` record
+    RUN/model/               the student capacitor: sampler euler with --nfe steps (4), a `distilled` record, and
+                             sample.png (held-out inputs above the teacher's translations and the student's)
 
 Heights: the integrator starts and ends a line just off the plates, at z0 = eps and z1 = L − eps
 (`Capacitor.plates`), so a pair (a, b) is a at z0 and b at z1, and the straight line between them climbs
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -59,6 +61,8 @@ endpoint error hides what a user sees: on the digits a student's mean error at 4
 at 1, yet its FD was a third lower (0.18 against 0.28, README "Few-step translation")."""
 TEACHER_BATCH = 16
 """Images the teacher integrates together while the pairs are made."""
+SAMPLE_COUNT = 8
+"""Held-out pairs shown in RUN/model/sample.png (the model card's picture)."""
 PROBE_SHARE, PROBE_SECONDS = 0.05, (2.0, 30.0)
 """A time-sized run measures its speed over this share of the budget (clamped to these seconds, and to a fifth of
 the budget) before it fixes its number of steps; as `efm train` does, with shorter bounds for shorter runs."""
@@ -287,7 +291,7 @@ def distill(
     student = trainer.ema_network(copy.deepcopy(teacher.network))
     errors = measure(teacher, student, held.to(place), batch_size=max(settings.batch_size, TEACHER_BATCH))
     nfe, chosen_by = (settings.nfe, "--nfe") if settings.nfe is not None else (DEFAULT_NFE, "the default")
-    model = export(teacher, student, run / MODEL_DIR, settings, nfe, errors, len(train), len(held), trainer.step)
+    model = export(teacher, student, run / MODEL_DIR, settings, nfe, errors, len(train), held.to(place), trainer.step)
     window = max(1, min(10, len(losses) // 2)) if losses else 1
     training = {
         "seconds": round(seconds, 2),
@@ -710,10 +714,30 @@ def export(
     nfe: int,
     errors: list[Errors],
     train_pairs: int,
-    held_out: int,
+    held: Pairs,
     steps: int,
 ) -> Path:
-    """Write the student as a capacitor folder (atomically, by `Capacitor.save_pretrained`)."""
-    config = distilled_config(teacher, settings, nfe, errors, train_pairs, held_out, steps)
+    """Write the student as a capacitor folder (atomically, by `Capacitor.save_pretrained`) with its sample.png."""
+    from efm_cli.capacitor.format import SAMPLE_NAME
+    from efm_cli.images import save_atomic
+
+    config = distilled_config(teacher, settings, nfe, errors, train_pairs, len(held), steps)
     capacitor = Capacitor(config, network=student, autoencoder=teacher.autoencoder)
-    return capacitor.save_pretrained(folder)
+    model = capacitor.save_pretrained(folder)
+    save_atomic(model / SAMPLE_NAME, sample_picture(teacher, student, held, nfe))
+    return model
+
+
+@torch.inference_mode()
+def sample_picture(teacher: Capacitor, student: nn.Module, held: Pairs, steps: int) -> np.ndarray:
+    """Up to SAMPLE_COUNT held-out inputs (top row) above the teacher's translations and the student's with `steps`
+    Euler steps: what distillation kept, at a glance. Forward pairs when there are any, else backward ones."""
+    from efm_cli.capacitor.sampler import _decode, _integrate
+    from efm_cli.training.run import grid
+
+    code = FORWARD if bool((held.direction == FORWARD).any()) else BACKWARD
+    shown = held.take(torch.nonzero(held.direction.cpu() == code).flatten()[:SAMPLE_COUNT])
+    start, end = (shown.a, shown.b) if code == FORWARD else (shown.b, shown.a)
+    plates = teacher.plates("forward" if code == FORWARD else "backward")
+    ran = _integrate(student, start, plates, {"solver": "euler", "steps": steps}, SAMPLE_COUNT)
+    return grid([_decode(teacher, x, SAMPLE_COUNT).cpu() for x in (start, end, ran.x)])
