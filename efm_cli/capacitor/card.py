@@ -130,8 +130,9 @@ def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, e
         "to the other. The same capacitor translates in both directions.",
         "",
     ]
+    distilled = config.get("distilled") is not None
     passes = (config.get("sampler") or {}).get("steps")
-    if config.get("distilled") is not None and passes is not None:
+    if distilled and passes is not None:
         lines += [f"Distilled for speed: translation takes {passes} network passes.", ""]
     if sample:
         lines += [f"![Sample grid: {source} inputs and their {target} translations]({sample})", ""]
@@ -152,13 +153,13 @@ def render(config: dict[str, Any], repo_id: str, *, sample: str | None = None, e
     datasets, metrics = _datasets(training), _metrics(training)
     lines += _distilled_lines(config)
     if scalars or datasets:
-        lines += ["", "## Training of the teacher" if config.get("distilled") is not None else "## Training", ""]
+        lines += ["", "## Training of the teacher" if distilled else "## Training", ""]
         lines += _table([*scalars, *([("datasets", ", ".join(datasets))] if datasets else [])])
     if metrics:
         lines += ["", "## Metrics", ""]
         lines += _table(list(metrics.items()))
     source_dir, target_dir = f"{_tag(source) or 'source'}-images", f"{_tag(target) or 'target'}-images"
-    fast = " --fast" if config.get("distilled") is not None else ""
+    fast = " --fast" if distilled else ""
     shell = (
         [
             f"efm translate ./{source_dir} --to {target}{fast}  # embedded in efm: no download",

@@ -88,7 +88,7 @@ def _sampler_cell(row: dict[str, Any]) -> str:
     """The default sampler in a few words (`heun, 6 steps`, `dopri5, rtol 0.001`), and the teacher of a distilled
     capacitor."""
     sampler = row["sampler"]
-    text = str(sampler.get("solver", "dopri5"))
+    text = str(sampler["solver"])  # `_describe` fills in the default
     if "steps" in sampler:
         text += f", {sampler['steps']} steps"
     elif "rtol" in sampler:

@@ -289,9 +289,10 @@ def distill(
     _save_checkpoint(run, trainer, settings, total)
     seconds = time.monotonic() - session
     student = trainer.ema_network(copy.deepcopy(teacher.network))
-    errors = measure(teacher, student, held.to(place), batch_size=max(settings.batch_size, TEACHER_BATCH))
+    held = held.to(place)  # measured and drawn on the device the student runs on
+    errors = measure(teacher, student, held, batch_size=max(settings.batch_size, TEACHER_BATCH))
     nfe, chosen_by = (settings.nfe, "--nfe") if settings.nfe is not None else (DEFAULT_NFE, "the default")
-    model = export(teacher, student, run / MODEL_DIR, settings, nfe, errors, len(train), held.to(place), trainer.step)
+    model = export(teacher, student, run / MODEL_DIR, settings, nfe, errors, len(train), held, trainer.step)
     window = max(1, min(10, len(losses) // 2)) if losses else 1
     training = {
         "seconds": round(seconds, 2),
@@ -735,9 +736,10 @@ def sample_picture(teacher: Capacitor, student: nn.Module, held: Pairs, steps: i
     from efm_cli.capacitor.sampler import _decode, _integrate
     from efm_cli.training.run import grid
 
-    code = FORWARD if bool((held.direction == FORWARD).any()) else BACKWARD
-    shown = held.take(torch.nonzero(held.direction.cpu() == code).flatten()[:SAMPLE_COUNT])
-    start, end = (shown.a, shown.b) if code == FORWARD else (shown.b, shown.a)
-    plates = teacher.plates("forward" if code == FORWARD else "backward")
+    forward = held.direction.cpu() == FORWARD
+    chosen = forward if bool(forward.any()) else ~forward
+    shown = held.take(torch.nonzero(chosen).flatten()[:SAMPLE_COUNT])
+    start, end = (shown.a, shown.b) if chosen is forward else (shown.b, shown.a)
+    plates = teacher.plates("forward" if chosen is forward else "backward")
     ran = _integrate(student, start, plates, {"solver": "euler", "steps": steps}, SAMPLE_COUNT)
     return grid([_decode(teacher, x, SAMPLE_COUNT).cpu() for x in (start, end, ran.x)])
